@@ -1,0 +1,150 @@
+"""Load an official SAM checkpoint (a plain state dict, as ``sam_vit_l_0b3195.pth``) into mSAM.
+
+Key mapping (SAM -> mSAM):
+- ``image_encoder.*``                     -> ``image_encoder.*``
+- ``prompt_encoder.pe_layer.*``           -> ``pe_layer.*`` (the dense positional encoding)
+- ``prompt_encoder.no_mask_embed.weight`` -> ``no_mask_embed.weight``, its one row repeated to
+  every output channel of every task
+- ``mask_decoder.*``                      -> ``decoders.<task>.*`` for every task
+- the rest of the prompt encoder (point / box / mask-input embeddings) is not used by mSAM and
+  is skipped by name, listed in ``UNUSED_SAM_PREFIXES``.
+
+Anything else (a missing key, an unexpected key, a shape of another preset) is an error naming
+the file, the preset and the offending keys: nothing is loaded with ``strict=False`` silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from mtsam.model.msam import MSAM
+
+UNUSED_SAM_PREFIXES = (
+    "prompt_encoder.point_embeddings.",
+    "prompt_encoder.not_a_point_embed.",
+    "prompt_encoder.mask_downscaling.",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded as asked; the message names file and keys."""
+
+
+def file_fingerprint(path: str | Path, *, chunk: int = 1 << 22) -> str:
+    """``sha256:<hex>`` of a file's bytes (identifies the base weights an adapter was trained on)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)`` a state dict, turning every failure into one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path}: not a readable torch state dict (truncated or corrupt?): {first}"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"checkpoint {path}: expected a flat state dict of tensors (SAM's format), "
+            f"got {type(state).__name__}"
+        )
+    return state
+
+
+def sam_to_msam_state(
+    sam_state: dict[str, torch.Tensor], model: MSAM, *, source: str
+) -> dict[str, torch.Tensor]:
+    """Map SAM's keys onto mSAM's frozen+trainable base (adapters excluded); strict."""
+    own = model.state_dict()
+    preset = model.preset.name
+    out: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    total_rows = model.no_mask_embed.weight.shape[0]
+    for key, value in sam_state.items():
+        if key.startswith("image_encoder."):
+            out[key] = value
+        elif key.startswith("prompt_encoder.pe_layer."):
+            out[key.removeprefix("prompt_encoder.")] = value
+        elif key == "prompt_encoder.no_mask_embed.weight":
+            if value.ndim != 2 or value.shape[0] != 1:
+                raise CheckpointError(
+                    f"checkpoint {source}: {key} has shape {tuple(value.shape)}, expected (1, D)"
+                )
+            out["no_mask_embed.weight"] = value.expand(total_rows, -1).clone()
+        elif key.startswith("mask_decoder."):
+            rest = key.removeprefix("mask_decoder.")
+            for task in model.task_names:
+                out[f"decoders.{task}.{rest}"] = value
+        elif key.startswith(UNUSED_SAM_PREFIXES):
+            continue
+        else:
+            unexpected.append(key)
+    mapped = {}
+    for k, v in out.items():
+        if k in own:
+            mapped[k] = v
+        else:
+            unexpected.append(_sam_name(k))
+    missing = sorted(_sam_name(k) for k in own if k not in out)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {source} does not fit preset {preset!r}: "
+            f"missing keys {_short(missing)}, unexpected keys {_short(sorted(set(unexpected)))}"
+        )
+    bad = [k for k, v in mapped.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(
+            f"checkpoint {source} does not fit preset {preset!r}: {_sam_name(k)} has shape "
+            f"{tuple(mapped[k].shape)}, the preset expects {tuple(own[k].shape)} "
+            f"({len(bad)} mismatched tensors; is it a checkpoint of another model size?)"
+        )
+    return mapped
+
+
+def load_sam_checkpoint(model: MSAM, path: str | Path) -> None:
+    """Load SAM weights from ``path`` into ``model`` in place and record the file's fingerprint."""
+    from mtsam.adapters.base import adapters_of
+
+    if adapters_of(model):
+        raise CheckpointError(
+            f"checkpoint {path}: load the SAM base weights before injecting adapters"
+        )
+    state = read_state_dict(path)
+    mapped = sam_to_msam_state(state, model, source=str(path))
+    with torch.no_grad():
+        own = model.state_dict(keep_vars=True)
+        for k, v in mapped.items():
+            own[k].copy_(v.to(own[k].dtype))
+    model.base_fingerprint = file_fingerprint(path)
+
+
+def _sam_name(msam_key: str) -> str:
+    """Name a mSAM key as the SAM checkpoint would (for error messages)."""
+    if msam_key.startswith("decoders."):
+        return "mask_decoder." + msam_key.split(".", 2)[2]
+    if msam_key.startswith(("pe_layer.", "no_mask_embed.")):
+        return "prompt_encoder." + msam_key
+    return msam_key
+
+
+def _short(keys: list[str], n: int = 5) -> str:
+    if not keys:
+        return "none"
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return "[" + ", ".join(keys[:n]) + "]" + more
