@@ -1,0 +1,495 @@
+"""The experiment config: one typed schema (pydantic), loaded from YAML, overridden by ``--set``.
+
+Sections: ``model``, ``adapter``, ``data``, ``train``, ``scaling``, ``tune``, ``tracking``.
+Every field has a default and help text here, and nowhere else. Configs are parsed once at the
+edge (the ``jobs/`` scripts) and are read-only afterwards: the library receives plain values.
+
+Errors are one line naming the key, the bad value and what is allowed, e.g.::
+
+    config error: train.lr = 'fast': Input should be a valid number
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Tasks each dataset provides, and the default class count of its semantic labels.
+DATASET_TASKS: dict[str, tuple[str, ...]] = {
+    "scenes": ("semantic", "depth", "normal"),
+    "nyuv2": ("semantic", "depth", "normal"),
+    "cityscapes": ("semantic", "depth"),
+    "pascal_context": ("semantic", "human_parts", "saliency", "normal"),
+}
+DEFAULT_NUM_CLASSES = {"scenes": 7, "nyuv2": 13, "cityscapes": 7, "pascal_context": 21}
+ADAPTER_METHODS = ("tora", "lora_stl", "lora_hps", "conv_lora", "none")
+
+
+class ConfigError(ValueError):
+    """An invalid config, with a one-line message naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(_Section):
+    preset: Literal["tiny", "vit_b", "vit_l", "vit_h"] = Field(
+        "tiny", description="Model size: SAM's vit_b / vit_l / vit_h (1024 px) or the CPU-sized tiny."
+    )
+    checkpoint: str | None = Field(
+        None,
+        description="Local path of an official SAM checkpoint of the same preset "
+        "(e.g. sam_vit_l_0b3195.pth). None: random base weights (the run says so).",
+    )
+    attention: Literal["sam", "sdpa"] = Field(
+        "sdpa",
+        description="Encoder attention kernel: segment-anything's own ('sam') or "
+        "torch scaled_dot_product_attention with SAM's relative-position bias ('sdpa').",
+    )
+    base_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the frozen base weights (bfloat16 saves memory on GPU)."
+    )
+
+
+class AdapterConfig(_Section):
+    method: Literal["tora", "lora_stl", "lora_hps", "conv_lora", "none"] = Field(
+        "tora", description="Adapter method: tora, lora_stl, lora_hps, conv_lora or none."
+    )
+    decomposition: Literal["tucker", "cp"] = Field(
+        "tucker", description="ToRA's tensor form: Tucker (ranks r1, r2, r3) or CP (rank)."
+    )
+    r1: int = Field(32, ge=1, description="ToRA Tucker rank along the input dimension.")
+    r2: int = Field(32, ge=1, description="ToRA Tucker rank along the output dimension.")
+    r3: int = Field(4, ge=1, description="ToRA Tucker rank along the task dimension (the paper: 4 for 3 tasks).")
+    rank: int = Field(4, ge=1, description="Rank of LoRA / Conv-LoRA, and ToRA's CP rank.")
+    alpha: float = Field(8.0, gt=0, description="LoRA / Conv-LoRA alpha (scale = alpha / rank).")
+    scaling: float = Field(0.5, description="ToRA's scaling s of the update.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the adapter branch input.")
+    targets: tuple[Literal["qkv", "proj", "mlp"], ...] = Field(
+        ("qkv",), min_length=1, description="Encoder linears to adapt: qkv, proj, mlp."
+    )
+    qkv_parts: tuple[Literal["q", "k", "v"], ...] = Field(
+        ("q", "k", "v"), min_length=1, description="Which thirds of the fused qkv to adapt."
+    )
+    orth_weight: float = Field(
+        1.0, ge=0.0, description="Weight lambda of ToRA's orthogonal regulariser (0 disables)."
+    )
+    conv_experts: int = Field(8, ge=1, description="Conv-LoRA: number of experts M.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AdapterConfig:
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"adapter.targets: duplicate entries in {list(self.targets)}")
+        if len(set(self.qkv_parts)) != len(self.qkv_parts):
+            raise ValueError(f"adapter.qkv_parts: duplicate entries in {list(self.qkv_parts)}")
+        return self
+
+
+class ScenesConfig(_Section):
+    num_train: int = Field(64, ge=1, description="Generated training scenes.")
+    num_val: int = Field(32, ge=1, description="Generated validation scenes.")
+    height: int = Field(96, ge=16, description="Scene image height in pixels.")
+    width: int = Field(128, ge=16, description="Scene image width in pixels.")
+    seed: int = Field(0, description="Generator seed (same seed, same bytes).")
+
+
+class DataConfig(_Section):
+    dataset: Literal["scenes", "nyuv2", "cityscapes", "pascal_context"] = Field(
+        "scenes", description="Benchmark reader: scenes (generated), nyuv2, cityscapes, pascal_context."
+    )
+    root: str | None = Field(
+        None,
+        description="Dataset folder (raw layout, or Parquet shards when format=shards). For "
+        "scenes: the cache folder (default: <output_dir>/cache/scenes).",
+    )
+    format: Literal["files", "shards"] = Field(
+        "files", description="Read the raw layout ('files') or Parquet shards ('shards')."
+    )
+    tasks: tuple[str, ...] = Field(
+        ("semantic", "depth", "normal"), min_length=1, description="Tasks to learn, in order."
+    )
+    num_classes: int | None = Field(
+        None, ge=2, description="Semantic classes (default: the dataset's: nyuv2 13, "
+        "cityscapes 7 or 19, pascal_context 21, scenes 7)."
+    )
+    augment: bool = Field(True, description="Random scale-crop and horizontal flip in training.")
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per trainer.")
+    scenes: ScenesConfig = Field(default_factory=ScenesConfig, description="Generated scenes.")
+    baseline: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Single-task baseline {task: {metric: value}} for delta_m (percent).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        allowed = DATASET_TASKS[self.dataset]
+        for t in self.tasks:
+            if t not in allowed:
+                raise ValueError(
+                    f"data.tasks: {t!r} is not provided by dataset {self.dataset!r}; "
+                    f"allowed: {list(allowed)}"
+                )
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"data.tasks: duplicate entries in {list(self.tasks)}")
+        if self.dataset == "cityscapes" and self.num_classes not in (None, 7, 19):
+            raise ValueError(f"data.num_classes = {self.num_classes}: cityscapes has 7 or 19")
+        if self.dataset not in ("scenes",) and self.root is None:
+            raise ValueError(f"data.root: dataset {self.dataset!r} needs a local folder path")
+        for task, metrics in self.baseline.items():
+            if task not in self.tasks:
+                raise ValueError(
+                    f"data.baseline.{task}: not one of data.tasks {list(self.tasks)}"
+                )
+            for m, v in metrics.items():
+                if not math.isfinite(v) or v == 0:
+                    raise ValueError(f"data.baseline.{task}.{m} = {v}: expected a finite non-zero value")
+        return self
+
+    @property
+    def classes(self) -> int:
+        return self.num_classes or DEFAULT_NUM_CLASSES[self.dataset]
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(4, ge=1, description="Training epochs.")
+    batch_size: int = Field(8, ge=1, description="Images per worker per step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(1e-6, ge=0, description="Weight decay.")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="Adam (L2) or AdamW.")
+    schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Decay after warm-up: linear to 0, cosine to 0, or constant."
+    )
+    warmup_frac: float = Field(0.05, ge=0, lt=1, description="Fraction of steps for warm-up.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm (None: no clip).")
+    task_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Loss weight per task (missing tasks weigh 1); normalised to sum 1.",
+    )
+    stacked: bool = Field(
+        True, description="Run the T tasks as one stacked encoder batch (else one at a time)."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute encoder blocks in backward to save memory."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
+    )
+    max_steps_per_epoch: int | None = Field(
+        None, ge=1, description="Cap optimizer steps per epoch (smoke tests)."
+    )
+    vis_samples: int = Field(2, ge=0, description="Validation samples drawn as pictures.")
+    vis_every: int = Field(2, ge=1, description="Draw predictions every N epochs (and last).")
+    log_every: int = Field(10, ge=1, description="Progress line every N steps within an epoch.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        for task, w in self.task_weights.items():
+            if w < 0 or not math.isfinite(w):
+                raise ValueError(f"train.task_weights.{task} = {w}: expected a finite value >= 0")
+        return self
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); CPU workers use gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    gpus_per_worker: float = Field(
+        1.0, gt=0, le=1, description="GPU share per worker when use_gpu (fractions allowed)."
+    )
+    max_failures: int = Field(1, ge=-1, description="Worker-group restarts (-1: unlimited).")
+    storage_path: str | None = Field(
+        None,
+        description="Where runs and checkpoints go: an absolute path shared by all nodes, or a "
+        "URI (s3://, gs://). Default: <output_dir>/ray_results.",
+    )
+
+
+class SpaceEntry(_Section):
+    type: Literal["choice", "grid", "uniform", "loguniform", "randint"] = Field(
+        description="Distribution: choice / grid (values), uniform / loguniform / randint (low, high)."
+    )
+    values: list[Any] | None = Field(None, description="Candidates for choice and grid.")
+    low: float | None = Field(None, description="Lower bound for uniform / loguniform / randint.")
+    high: float | None = Field(None, description="Upper bound.")
+    include_zero: bool = Field(
+        False, description="loguniform only: also try exactly 0 (e.g. orth_weight off)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SpaceEntry:
+        if self.type in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"{self.type} needs a non-empty 'values' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError(f"{self.type} takes 'values', not low/high")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"{self.type} needs 'low' and 'high'")
+            if not self.low < self.high:
+                raise ValueError(f"{self.type} needs low < high, got {self.low} >= {self.high}")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError(f"loguniform needs low > 0, got {self.low}")
+            if self.values is not None:
+                raise ValueError(f"{self.type} takes low/high, not 'values'")
+        if self.include_zero and self.type != "loguniform":
+            raise ValueError("include_zero applies to loguniform only")
+        return self
+
+
+class AshaConfig(_Section):
+    grace_period: int = Field(1, ge=1, description="Epochs every trial runs before it can stop.")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA's halving rate.")
+
+
+class TuneConfig(_Section):
+    num_samples: int = Field(4, ge=1, description="Trials to sample (per grid point for grid).")
+    searcher: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random, grid (all combinations of 'grid' entries), or optuna (TPE)."
+    )
+    scheduler: Literal["fifo", "asha"] = Field("fifo", description="fifo or asha early stopping.")
+    asha: AshaConfig = Field(default_factory=AshaConfig, description="ASHA settings.")
+    metric: str = Field(
+        "val/delta_m", description="Metric to optimise: val/delta_m or val/<task>/<metric>."
+    )
+    mode: Literal["auto", "max", "min"] = Field(
+        "auto", description="auto: from the metric's direction (delta_m: max)."
+    )
+    max_concurrent_trials: int = Field(1, ge=1, description="Trials running at once.")
+    driver_cpus: float = Field(
+        0.05, gt=0, description="CPU share of each trial's driver (workers are reserved apart)."
+    )
+    max_trainable_params: int | None = Field(
+        None, ge=1, description="Reject sampled configs with more trainable parameters."
+    )
+    space: dict[str, SpaceEntry] = Field(
+        default_factory=dict, description="Search space: {config.key: distribution}."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneConfig:
+        for key in self.space:
+            if key.split(".")[0] in ("tune", "tracking", "scaling"):
+                raise ValueError(f"tune.space.{key}: only model/adapter/data/train keys can vary")
+        if self.searcher == "grid" and any(e.type != "grid" for e in self.space.values()):
+            bad = [k for k, e in self.space.items() if e.type != "grid"]
+            raise ValueError(f"tune.space.{bad[0]}: searcher 'grid' needs type 'grid' entries")
+        if self.searcher == "optuna" and any(e.type == "grid" for e in self.space.values()):
+            bad = [k for k, e in self.space.items() if e.type == "grid"]
+            raise ValueError(f"tune.space.{bad[0]}: optuna cannot take 'grid' (use choice)")
+        return self
+
+
+class TrackingConfig(_Section):
+    enabled: bool = Field(True, description="Record runs in MLflow.")
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (server URL or sqlite:///abs/path). Default: "
+        "$MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db.",
+    )
+    experiment: str | None = Field(None, description="MLflow experiment (default: config name).")
+    register_as: str | None = Field(
+        None, description="Register the sweep's best adapter as this MLflow model name."
+    )
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="Per-request timeout before a metric is buffered for later."
+    )
+
+
+class ExperimentConfig(_Section):
+    name: str = Field("default", min_length=1, description="Experiment name (MLflow experiment).")
+    seed: int = Field(0, description="Seed of model init, data order and augmentation.")
+    output_dir: str = Field(
+        "outputs", description="Folder for results, caches and the default MLflow store."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        tasks = self.data.tasks
+        for task in self.train.task_weights:
+            if task not in tasks:
+                raise ValueError(f"train.task_weights.{task}: not one of data.tasks {list(tasks)}")
+        if self.train.task_weights and sum(self.weights().values()) <= 0:
+            raise ValueError("train.task_weights: at least one task needs a positive weight")
+        if self.scaling.use_gpu is False and self.model.base_dtype == "bfloat16":
+            raise ValueError("model.base_dtype = 'bfloat16': needs scaling.use_gpu = true")
+        if self.train.precision == "bf16" and not self.scaling.use_gpu:
+            raise ValueError("train.precision = 'bf16': needs scaling.use_gpu = true (CPU is fp32)")
+        _check_metric_name(self.tune.metric, tasks)
+        for key, entry in self.tune.space.items():
+            _check_space_key(self, key, entry)
+        return self
+
+    # Derived, read-only views used at the edge.
+    def weights(self) -> dict[str, float]:
+        """Per-task loss weights normalised to sum 1 (missing tasks weigh 1)."""
+        raw = {t: float(self.train.task_weights.get(t, 1.0)) for t in self.data.tasks}
+        total = sum(raw.values())
+        return {t: w / total for t, w in raw.items()} if total > 0 else raw
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """The config as {"section.key": value} (for MLflow params and Tune spaces)."""
+        return flatten(self.to_dict())
+
+
+def _check_metric_name(metric: str, tasks: Iterable[str]) -> None:
+    if metric == "val/delta_m":
+        return
+    parts = metric.split("/")
+    if len(parts) != 3 or parts[0] != "val" or parts[1] not in tasks:
+        raise ValueError(
+            f"tune.metric = {metric!r}: expected 'val/delta_m' or 'val/<task>/<metric>' "
+            f"with a task in {list(tasks)}"
+        )
+
+
+def _check_space_key(cfg: ExperimentConfig, key: str, entry: SpaceEntry) -> None:
+    """The key must name an existing field, and every candidate value must validate there."""
+    flat = cfg.flat()
+    if key not in flat and not any(k.startswith(key + ".") for k in flat):
+        raise ValueError(f"tune.space.{key}: no such config key")
+    probes: list[Any]
+    if entry.type in ("choice", "grid"):
+        probes = list(entry.values or [])
+    elif entry.type == "randint":
+        probes = [int(entry.low), int(entry.high) - 1]  # type: ignore[arg-type]
+    else:
+        probes = [entry.low, entry.high] + ([0.0] if entry.include_zero else [])
+    base = cfg.to_dict()
+    base["tune"] = {}
+    for value in probes:
+        try:
+            ExperimentConfig.model_validate(set_path(base, key, value))
+        except ValidationError as e:
+            raise ValueError(f"tune.space.{key}: value {value!r} is invalid: {_first(e)}") from None
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v and k not in ("space",):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def set_path(d: Mapping[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A deep copy of nested dict ``d`` with ``dotted`` (a.b.c) set to ``value``."""
+    import copy
+
+    out = copy.deepcopy(dict(d))
+    node = out
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {} if child is None else child
+            if not isinstance(child, dict):
+                raise ConfigError(f"config error: {dotted}: {p!r} is not a section")
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+    return out
+
+
+def _first(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    expected = (err.get("ctx") or {}).get("expected")
+    allowed = f" (allowed: {expected})" if expected and str(expected) not in msg else ""
+    if not loc or msg.startswith(loc.split(".")[0] + ".") or msg.startswith("tune.space."):
+        return msg + allowed  # a cross-field check that names its own key
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    return f"{loc}{shown}: {msg}{allowed}"
+
+
+# Fields holding free-form mappings: ``--set`` may add keys below them (a dotted space key
+# such as ``tune.space.adapter.r1`` is one key of ``tune.space``).
+_DICT_FIELDS = ("train.task_weights", "data.baseline", "tune.space")
+
+
+def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
+    """``["train.lr=3e-4", ...]`` -> [("train.lr", 0.0003), ...]; values are parsed as YAML."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"config error: --set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def build_config(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Validate a config dict plus ``--set`` overrides; raise ``ConfigError`` (one line)."""
+    d: dict[str, Any] = dict(data)
+    known = ExperimentConfig().flat()
+    for key, value in parse_overrides(overrides):
+        top = key.split(".")[0]
+        if top not in ExperimentConfig.model_fields:
+            raise ConfigError(
+                f"config error: --set {key}: unknown section {top!r}; "
+                f"expected one of {list(ExperimentConfig.model_fields)}"
+            )
+        field = next((f for f in _DICT_FIELDS if key.startswith(f + ".")), None)
+        if field is not None:
+            section, name = field.split(".")
+            sub = key[len(field) + 1 :]
+            d = set_path(d, field, {**dict(d.get(section, {}).get(name) or {}), sub: value})
+            continue
+        if key not in known and not any(k.startswith(key + ".") for k in known):
+            raise ConfigError(f"config error: --set {key}: no such config key")
+        d = set_path(d, key, value)
+    try:
+        return ExperimentConfig.model_validate(d)
+    except ValidationError as e:
+        raise ConfigError(f"config error: {_first(e)}") from None
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Load a YAML experiment (None: all defaults) and apply ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config error: {path}: no such file")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f" line {line + 1}" if line is not None else ""
+            raise ConfigError(f"config error: {path}{where}: not valid YAML") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config error: {path}: expected a mapping of sections at top level")
+        data = loaded
+    try:
+        return build_config(data, overrides)
+    except ConfigError as e:
+        if path is None:
+            raise
+        raise ConfigError(str(e).replace("config error: ", f"config error: {path}: ", 1)) from None
