@@ -103,7 +103,7 @@ def sam_to_msam_state(
     missing = sorted(_sam_name(k) for k in own if k not in out)
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {source} does not fit preset {preset!r}: "
+            f"checkpoint {source} does not fit preset {preset!r}{_guess(sam_state)}: "
             f"missing keys {_short(missing)}, unexpected keys {_short(sorted(set(unexpected)))}"
         )
     bad = [k for k, v in mapped.items() if tuple(v.shape) != tuple(own[k].shape)]
@@ -112,7 +112,7 @@ def sam_to_msam_state(
         raise CheckpointError(
             f"checkpoint {source} does not fit preset {preset!r}: {_sam_name(k)} has shape "
             f"{tuple(mapped[k].shape)}, the preset expects {tuple(own[k].shape)} "
-            f"({len(bad)} mismatched tensors; is it a checkpoint of another model size?)"
+            f"({len(bad)} mismatched tensors{_guess(sam_state)})"
         )
     return mapped
 
@@ -132,6 +132,21 @@ def load_sam_checkpoint(model: MSAM, path: str | Path) -> None:
         for k, v in mapped.items():
             own[k].copy_(v.to(own[k].dtype))
     model.base_fingerprint = file_fingerprint(path)
+
+
+def _guess(sam_state: dict[str, torch.Tensor]) -> str:
+    """', it looks like a <preset> checkpoint' from the encoder's width and depth, if known."""
+    from mtsam.model.presets import PRESETS
+
+    pos = sam_state.get("image_encoder.pos_embed")
+    depth = len({k.split(".")[2] for k in sam_state if k.startswith("image_encoder.blocks.")})
+    if pos is None or pos.ndim != 4:
+        return ""
+    for name, make in PRESETS.items():
+        p = make()
+        if (p.embed_dim, p.depth, p.embedding_size) == (pos.shape[-1], depth, pos.shape[1]):
+            return f" (it looks like a {name!r} checkpoint)"
+    return f" (its encoder is {pos.shape[-1]} wide with {depth} blocks)"
 
 
 def _sam_name(msam_key: str) -> str:
