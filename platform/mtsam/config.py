@@ -40,7 +40,8 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     preset: Literal["tiny", "vit_b", "vit_l", "vit_h"] = Field(
-        "tiny", description="Model size: SAM's vit_b / vit_l / vit_h (1024 px) or the CPU-sized tiny."
+        "tiny",
+        description="Model size: SAM's vit_b / vit_l / vit_h (1024 px) or the CPU-sized tiny.",
     )
     checkpoint: str | None = Field(
         None,
@@ -66,7 +67,9 @@ class AdapterConfig(_Section):
     )
     r1: int = Field(32, ge=1, description="ToRA Tucker rank along the input dimension.")
     r2: int = Field(32, ge=1, description="ToRA Tucker rank along the output dimension.")
-    r3: int = Field(4, ge=1, description="ToRA Tucker rank along the task dimension (the paper: 4 for 3 tasks).")
+    r3: int = Field(
+        4, ge=1, description="ToRA Tucker rank along the task dimension (the paper: 4 for 3 tasks)."
+    )
     rank: int = Field(4, ge=1, description="Rank of LoRA / Conv-LoRA, and ToRA's CP rank.")
     alpha: float = Field(8.0, gt=0, description="LoRA / Conv-LoRA alpha (scale = alpha / rank).")
     scaling: float = Field(0.5, description="ToRA's scaling s of the update.")
@@ -101,7 +104,8 @@ class ScenesConfig(_Section):
 
 class DataConfig(_Section):
     dataset: Literal["scenes", "nyuv2", "cityscapes", "pascal_context"] = Field(
-        "scenes", description="Benchmark reader: scenes (generated), nyuv2, cityscapes, pascal_context."
+        "scenes",
+        description="Benchmark reader: scenes (generated), nyuv2, cityscapes, pascal_context.",
     )
     root: str | None = Field(
         None,
@@ -115,8 +119,10 @@ class DataConfig(_Section):
         ("semantic", "depth", "normal"), min_length=1, description="Tasks to learn, in order."
     )
     num_classes: int | None = Field(
-        None, ge=2, description="Semantic classes (default: the dataset's: nyuv2 13, "
-        "cityscapes 7 or 19, pascal_context 21, scenes 7)."
+        None,
+        ge=2,
+        description="Semantic classes (default: the dataset's: nyuv2 13, "
+        "cityscapes 7 or 19, pascal_context 21, scenes 7).",
     )
     augment: bool = Field(True, description="Random scale-crop and horizontal flip in training.")
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per trainer.")
@@ -143,12 +149,12 @@ class DataConfig(_Section):
             raise ValueError(f"data.root: dataset {self.dataset!r} needs a local folder path")
         for task, metrics in self.baseline.items():
             if task not in self.tasks:
-                raise ValueError(
-                    f"data.baseline.{task}: not one of data.tasks {list(self.tasks)}"
-                )
+                raise ValueError(f"data.baseline.{task}: not one of data.tasks {list(self.tasks)}")
             for m, v in metrics.items():
                 if not math.isfinite(v) or v == 0:
-                    raise ValueError(f"data.baseline.{task}.{m} = {v}: expected a finite non-zero value")
+                    raise ValueError(
+                        f"data.baseline.{task}.{m} = {v}: expected a finite non-zero value"
+                    )
         return self
 
     @property
@@ -434,7 +440,9 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"config error: --set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+            raise ConfigError(
+                f"config error: --set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4"
+            )
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
