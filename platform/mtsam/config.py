@@ -447,6 +447,11 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+            try:
+                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf") else value
+            except ValueError:
+                pass
         out.append((key.strip(), value))
     return out
 
