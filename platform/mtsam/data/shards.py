@@ -1,0 +1,335 @@
+"""Parquet shards of converted dataset splits: writing, the manifest, and verified reading.
+
+Layout of a shard folder ``out``::
+
+    manifest.json                  written last; a folder without it is refused
+    {split}/part-00000.parquet     one row per sample, in sample order
+
+Row format: column ``index`` (int64) plus, for every other key ``K`` of the sample dict
+(``"image"`` and the task names), a column ``K`` of ``large_binary`` holding the tensor's raw
+little-endian C-order bytes and a column ``K__shape`` (``list<int32>``) with its shape. The
+dtype of every tensor column is in the manifest and in each file's schema metadata (key
+``mtsam``: JSON with format, version, dataset, split, tasks, columns and, where all rows of the
+file agree, per-column shapes). Raw bytes + shape were chosen over Arrow's fixed-shape tensor
+extension type because they survive Parquet without registering extension types, allow a
+different size per sample (PASCAL-Context at native resolution) and reach Ray Data as plain
+``bytes`` / list columns; :func:`decode_row` turns such a row back into arrays.
+
+Safety: every shard is written to ``*.tmp`` and moved into place with ``os.replace``; the old
+manifest is deleted before the first shard changes and the new one is written last, so an
+interrupted run leaves no manifest and readers refuse the folder. Readers check the files'
+sizes and sha256 against the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from mtsam.data.errors import DatasetError
+
+FORMAT = "mtsam-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+SHAPE_SUFFIX = "__shape"
+_META_KEY = b"mtsam"
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """One split to convert: a fingerprint of its input and a way to open it (only if needed).
+
+    ``open()`` returns a dataset whose items are per-sample dicts (see :mod:`mtsam.data.base`),
+    without augmentation. A split whose fingerprint, shard size and files match the existing
+    manifest is not opened at all.
+    """
+
+    fingerprint: str
+    open: Callable[[], Any]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_fingerprint(params: Mapping[str, Any], files: Iterable[Path]) -> str:
+    """Hash of reader parameters and the (path, size, mtime) of every source file."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    for path in files:
+        st = os.stat(path)
+        digest.update(f"\n{path}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """Fingerprint of a reader (anything with ``describe()`` and ``source_files()``)."""
+    return source_fingerprint(dataset.describe(), dataset.source_files())
+
+
+def _tensor_keys(sample: Mapping[str, torch.Tensor]) -> list[str]:
+    return [k for k in sample if k != "index"]
+
+
+def _encode(sample: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Sample dict -> (column values of one row, dtype per tensor column)."""
+    row: dict[str, Any] = {"index": int(sample["index"])}
+    dtypes: dict[str, str] = {}
+    for key in _tensor_keys(sample):
+        arr = np.ascontiguousarray(sample[key].numpy())
+        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        row[key] = arr.tobytes()
+        row[key + SHAPE_SUFFIX] = list(arr.shape)
+        dtypes[key] = arr.dtype.name
+    return row, dtypes
+
+
+def decode_row(
+    row: Mapping[str, Any], columns: Mapping[str, Mapping[str, str]]
+) -> dict[str, np.ndarray]:
+    """One stored row (from pyarrow or a Ray Data row) -> {key: array}, ``"index"`` included.
+
+    ``columns`` is the manifest's ``columns`` entry ({key: {"dtype": name}}). Only the tensor
+    columns present in ``row`` are decoded.
+    """
+    out: dict[str, np.ndarray] = {}
+    for key, spec in columns.items():
+        if key not in row:
+            continue
+        dtype = np.dtype(spec["dtype"]).newbyteorder("<")
+        shape = [int(s) for s in row[key + SHAPE_SUFFIX]]
+        out[key] = (
+            np.frombuffer(row[key], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+        )
+    if "index" in row:
+        out["index"] = np.asarray(row["index"], dtype=np.int64)
+    return out
+
+
+def _write_shard(
+    path: Path, rows: list[dict[str, Any]], keys: list[str], meta: dict[str, Any]
+) -> dict[str, Any]:
+    shapes = {k: rows[0][k + SHAPE_SUFFIX] for k in keys}
+    shapes = {
+        k: (s if all(r[k + SHAPE_SUFFIX] == s for r in rows) else None) for k, s in shapes.items()
+    }
+    fields = [pa.field("index", pa.int64())]
+    for key in keys:
+        fields += [
+            pa.field(key, pa.large_binary()),
+            pa.field(key + SHAPE_SUFFIX, pa.list_(pa.int32())),
+        ]
+    schema = pa.schema(
+        fields, metadata={_META_KEY: json.dumps({**meta, "shapes": shapes}).encode()}
+    )
+    table = pa.Table.from_pylist(rows, schema=schema)
+    tmp = path.with_name(path.name + ".tmp")
+    # One row per row group: a local reader fetches exactly one sample per random access.
+    pq.write_table(table, tmp, row_group_size=1, compression="zstd")
+    entry = {"num_rows": len(rows), "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+    os.replace(tmp, path)
+    return entry
+
+
+def _write_split(
+    out: Path,
+    split: str,
+    dataset: Any,
+    *,
+    name: str,
+    samples_per_shard: int,
+    progress: Callable[[str], None] | None,
+) -> tuple[dict[str, Any], list[str], dict[str, str]]:
+    """Write one split's shards -> (manifest split entry, tasks, column dtypes)."""
+    split_dir = out / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for stale in split_dir.glob("*.tmp"):
+        stale.unlink()
+    count = len(dataset)
+    if count == 0:
+        raise DatasetError(f"{split_dir}: split {split!r} has no samples")
+    keys: list[str] = []
+    dtypes: dict[str, str] = {}
+    shards: list[dict[str, Any]] = []
+    split_shapes: dict[str, Any] = {}
+    for shard_no, start in enumerate(range(0, count, samples_per_shard)):
+        rows = []
+        for i in range(start, min(start + samples_per_shard, count)):
+            row, row_dtypes = _encode(dataset[i])
+            if not keys:
+                keys, dtypes = list(row_dtypes), row_dtypes
+                split_shapes = {k: row[k + SHAPE_SUFFIX] for k in keys}
+            elif row_dtypes != dtypes:
+                raise DatasetError(
+                    f"{split_dir}: sample {i} has columns {row_dtypes}, sample 0 had {dtypes}"
+                )
+            for k in keys:
+                if split_shapes[k] != row[k + SHAPE_SUFFIX]:
+                    split_shapes[k] = None
+            rows.append(row)
+        tasks = [k for k in keys if k != "image"]
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "dataset": name,
+            "split": split,
+            "tasks": tasks,
+            "columns": {k: {"dtype": dtypes[k]} for k in keys},
+        }
+        rel = f"{split}/part-{shard_no:05d}.parquet"
+        shards.append({"file": rel, **_write_shard(out / rel, rows, keys, meta)})
+        if progress is not None:
+            progress(f"{split}: {start + len(rows)}/{count} samples, wrote {rel}")
+    entry = {"num_samples": count, "shapes": split_shapes, "shards": shards}
+    return entry, [k for k in keys if k != "image"], dtypes
+
+
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    try:
+        return load_manifest(out, verify=True)
+    except DatasetError:
+        return None
+
+
+def write_shards(
+    out: str | Path,
+    sources: Mapping[str, SplitSource],
+    *,
+    dataset: str,
+    samples_per_shard: int = 64,
+    validate: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Convert the given splits into ``out`` and return the manifest written (or kept).
+
+    A split is rewritten unless the existing manifest has the same dataset name, shard size
+    and fingerprint for it and its files verify; if nothing needs writing and the manifest
+    lists exactly these splits, nothing is touched. With ``validate`` every sample of the
+    splits to write is checked (``validate_all``) before any file changes, so bad input leaves
+    an existing shard set intact. The new manifest lists exactly the given splits.
+    """
+    out = Path(out)
+    if samples_per_shard < 1:
+        raise DatasetError(f"{out}: samples_per_shard must be >= 1, got {samples_per_shard}")
+    if not sources:
+        raise DatasetError(f"{out}: no splits to convert")
+    old = _read_manifest(out) if (out / MANIFEST).exists() else None
+    keep: dict[str, dict[str, Any]] = {}
+    if (
+        old is not None
+        and old["dataset"] == dataset
+        and old["samples_per_shard"] == samples_per_shard
+    ):
+        for split, source in sources.items():
+            entry = old["splits"].get(split)
+            if entry is not None and entry["fingerprint"] == source.fingerprint:
+                keep[split] = entry
+    if old is not None and set(keep) == set(sources) == set(old["splits"]):
+        return old
+    opened = {split: src.open() for split, src in sources.items() if split not in keep}
+    for split, ds in opened.items():
+        if getattr(ds, "augment", False):
+            raise DatasetError(f"{out}: split {split!r} is augmented; shards store raw samples")
+        if validate and hasattr(ds, "validate_all"):
+            ds.validate_all()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    tasks: list[str] | None = list(old["tasks"]) if keep and old else None
+    columns: dict[str, Any] | None = dict(old["columns"]) if keep and old else None
+    splits: dict[str, dict[str, Any]] = dict(keep)
+    for split, ds in opened.items():
+        entry, split_tasks, dtypes = _write_split(
+            out, split, ds, name=dataset, samples_per_shard=samples_per_shard, progress=progress
+        )
+        split_columns = {k: {"dtype": v} for k, v in dtypes.items()}
+        if tasks is None:
+            tasks, columns = split_tasks, split_columns
+        elif (tasks, columns) != (split_tasks, split_columns):
+            raise DatasetError(f"{out / split}: columns {split_columns} differ from {columns}")
+        splits[split] = {**entry, "fingerprint": sources[split].fingerprint}
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "complete": True,
+        "dataset": dataset,
+        "tasks": tasks,
+        "columns": columns,
+        "samples_per_shard": samples_per_shard,
+        "splits": {s: splits[s] for s in sources},
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    for split in opened:
+        listed = {Path(s["file"]).name for s in splits[split]["shards"]}
+        for stale in (out / split).glob("part-*.parquet"):
+            if stale.name not in listed:
+                stale.unlink()
+    return manifest
+
+
+def load_manifest(
+    root: str | Path, *, splits: Iterable[str] | None = None, verify: bool = True
+) -> dict[str, Any]:
+    """Read and check ``root/manifest.json``; with ``verify`` also the shards' size and sha256.
+
+    ``splits`` limits the file checks (and requires those splits to exist).
+    """
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise DatasetError(
+            f"{path}: not found; {root} holds no complete shard set "
+            "(an interrupted or failed prepare_data run leaves none)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"{path}: unreadable manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DatasetError(f"{path}: not an {FORMAT} manifest")
+    if manifest.get("version") != VERSION or manifest.get("complete") is not True:
+        raise DatasetError(f"{path}: expected a complete version-{VERSION} manifest")
+    names = list(manifest["splits"]) if splits is None else list(splits)
+    for split in names:
+        if split not in manifest["splits"]:
+            raise DatasetError(f"{path}: no split {split!r}; has {sorted(manifest['splits'])}")
+        for shard in manifest["splits"][split]["shards"]:
+            file = root / shard["file"]
+            if not file.is_file():
+                raise DatasetError(f"{file}: shard listed in {MANIFEST} is missing")
+            if file.stat().st_size != shard["bytes"]:
+                raise DatasetError(f"{file}: size differs from {MANIFEST}; the folder is damaged")
+            if verify and sha256_file(file) != shard["sha256"]:
+                raise DatasetError(f"{file}: sha256 differs from {MANIFEST}; the folder is damaged")
+    return manifest
+
+
+def shard_files(root: str | Path, split: str, *, verify: bool = True) -> list[Path]:
+    """The shard files of ``split`` in sample order, after checking the manifest."""
+    manifest = load_manifest(root, splits=[split], verify=verify)
+    return [Path(root) / s["file"] for s in manifest["splits"][split]["shards"]]
+
+
+def read_ray_dataset(
+    root: str | Path, split: str, *, verify: bool = True, columns: list[str] | None = None
+):
+    """``ray.data.read_parquet`` over a split's verified shard files (rows as :func:`decode_row`
+    expects them: tensor columns as bytes plus ``K__shape``)."""
+    import ray.data  # lazy: the library does not need Ray otherwise
+
+    files = [str(p) for p in shard_files(root, split, verify=verify)]
+    return ray.data.read_parquet(files, columns=columns)
