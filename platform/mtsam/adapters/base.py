@@ -7,36 +7,91 @@ belonging to task ``active_tasks[i]``. mSAM sets ``active_tasks`` before each en
 
 Trainability is structural: mSAM collects ``adapter_parameters()`` of every ``AdapterModule``
 it finds by type, never by parameter names.
+
+An adapter may update only some rows of the base output (``out_slices``, e.g. the q and v
+thirds of a fused qkv linear). Subclasses compute their own rows only (:meth:`branch`,
+:meth:`branch_weight`, ``d_sel = adapted_out_features`` wide); this class scatters them into
+the full output (zeros elsewhere) for :meth:`delta`, :meth:`delta_weight` and :meth:`forward`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from mtsam.adapters.spec import AdapterSpec
 
 
 class AdapterModule(nn.Module, ABC):
     """A frozen base linear plus a trainable low-rank update.
 
-    Subclasses implement :meth:`delta` (the adapter branch) and the bookkeeping methods.
-    ``task_specific`` is False when the update is the same for every task (shared LoRA), which
-    lets mSAM run the encoder once for all tasks instead of once per task.
+    Subclasses implement :meth:`branch` (the adapter branch on their output rows) and the
+    bookkeeping methods. ``task_specific`` is False when the update is the same for every task
+    (shared LoRA), which lets mSAM run the encoder once for all tasks instead of once per task.
+
+    Args:
+        base: the frozen linear (d_out x d_in); its parameters are set to requires_grad=False.
+        num_tasks: T, the number of tasks.
+        out_slices: (start, stop) row ranges of the base output that receive the update, in
+            increasing order; None for all rows.
+        dropout: dropout probability on the branch input (training mode only).
     """
 
     task_specific: bool = True
 
-    def __init__(self, base: nn.Linear, num_tasks: int) -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        num_tasks: int,
+        *,
+        out_slices: Sequence[tuple[int, int]] | None = None,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"an adapter wraps an nn.Linear, got {type(base).__name__}")
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.num_tasks = num_tasks
         self.active_tasks: tuple[int, ...] = tuple(range(num_tasks))
+        d_out = base.out_features
+        slices = (
+            ((0, d_out),) if out_slices is None else tuple((int(a), int(b)) for a, b in out_slices)
+        )
+        prev = 0
+        for a, b in slices:
+            if not prev <= a < b <= d_out:
+                raise ValueError(
+                    f"out_slices {slices}: expected increasing ranges within [0, {d_out})"
+                )
+            prev = b
+        self.out_slices = slices
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @classmethod
+    @abstractmethod
+    def from_spec(
+        cls,
+        base: nn.Linear,
+        spec: AdapterSpec,
+        num_tasks: int,
+        *,
+        out_slices: Sequence[tuple[int, int]] | None = None,
+    ) -> AdapterModule:
+        """Build this method's adapter around ``base`` with the sizes in ``spec``."""
+
+    @classmethod
+    @abstractmethod
+    def count_for(cls, spec: AdapterSpec, *, d_in: int, d_out: int, num_tasks: int) -> int:
+        """Closed-form trainable count of one adapted (d_out x d_in) linear (d_out = d_sel)."""
 
     @property
     def in_features(self) -> int:
@@ -46,20 +101,61 @@ class AdapterModule(nn.Module, ABC):
     def out_features(self) -> int:
         return self.base.out_features
 
+    @property
+    def adapted_out_features(self) -> int:
+        """d_sel: the number of output rows that receive the update."""
+        return sum(b - a for a, b in self.out_slices)
+
+    @property
+    def full_output(self) -> bool:
+        return self.out_slices == ((0, self.out_features),)
+
     def set_active_tasks(self, tasks: Sequence[int]) -> None:
         tasks = tuple(int(t) for t in tasks)
         if not tasks or any(t < 0 or t >= self.num_tasks for t in tasks):
             raise ValueError(f"active tasks {tasks} out of range for {self.num_tasks} tasks")
         self.active_tasks = tasks
 
+    # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, ..., d_in) with N = len(active_tasks) * B, task-major -> (N, ..., d_out)."""
-        return self.base(x) + self.delta(x)
+        return self._add_rows(self.base(x), self.branch(x))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter branch alone: (N, ..., d_in) -> (N, ..., d_out), zeros on unadapted rows."""
+        b = self.branch(x)
+        return self._add_rows(b.new_zeros((*b.shape[:-1], self.out_features)), b)
 
     @abstractmethod
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter branch alone: (N, ..., d_in) -> (N, ..., d_out)."""
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The update on the adapted rows: (N, ..., d_in) -> (N, ..., d_sel)."""
 
+    def _add_rows(self, y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """y (..., d_out) plus b (..., d_sel) placed on ``out_slices``."""
+        if self.full_output:
+            return y + b
+        pieces, start, used = [], 0, 0
+        for a, e in self.out_slices:
+            if a > start:
+                pieces.append(y[..., start:a])
+            pieces.append(y[..., a:e] + b[..., used : used + e - a])
+            used += e - a
+            start = e
+        if start < self.out_features:
+            pieces.append(y[..., start:])
+        return torch.cat(pieces, dim=-1)
+
+    def task_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ..., d) task-major -> (len(active_tasks), N / len(active_tasks) * ..., d) view."""
+        n = len(self.active_tasks)
+        if x.shape[0] % n:
+            raise ValueError(
+                f"batch of {x.shape[0]} is not a task-major stack of {n} active tasks "
+                f"{self.active_tasks}"
+            )
+        return x.reshape(n, -1, x.shape[-1])
+
+    # ------------------------------------------------------------------ parameters and losses
     @abstractmethod
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
         """The trainable tensors of this adapter (never the frozen base)."""
@@ -67,6 +163,10 @@ class AdapterModule(nn.Module, ABC):
     def extra_loss(self) -> torch.Tensor | None:
         """A loss term contributed by this layer for the last forward (None when it has none)."""
         return None
+
+    def orth_terms(self) -> list[torch.Tensor]:
+        """Frobenius norms ||M^T M - I|| this layer adds to the orthogonal regulariser's list."""
+        return []
 
     @abstractmethod
     def num_parameters_formula(self) -> int:
@@ -76,9 +176,19 @@ class AdapterModule(nn.Module, ABC):
         """Trainable parameter count as counted on the tensors."""
         return sum(p.numel() for p in self.adapter_parameters())
 
+    # ------------------------------------------------------------------ weights and merging
     @abstractmethod
+    def branch_weight(self, task: int) -> torch.Tensor:
+        """Task ``task``'s update on the adapted rows, (d_sel, d_in)."""
+
     def delta_weight(self, task: int) -> torch.Tensor:
         """Task ``task``'s full weight update, (d_out, d_in): for merging and reference tests."""
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(f"task {task} out of range for {self.num_tasks} tasks")
+        w = self.branch_weight(task)
+        if self.full_output:
+            return w
+        return self._add_rows(w.new_zeros((self.out_features, self.in_features)).T, w.T).T
 
     def merge(self, task: int) -> nn.Linear:
         """A plain linear computing base + task ``task``'s update (inference, eval mode)."""
@@ -89,6 +199,7 @@ class AdapterModule(nn.Module, ABC):
             merged.weight.copy_(self.base.weight + self.delta_weight(task).to(self.base.weight))
             if self.base.bias is not None:
                 merged.bias.copy_(self.base.bias)
+        merged.requires_grad_(False)
         return merged
 
 

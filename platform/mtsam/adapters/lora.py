@@ -1,0 +1,163 @@
+"""The LoRA baselines: one LoRA per task (STL) and one LoRA shared by all tasks (HPS).
+
+Each LoRA is dW = (alpha / r) * B A with A (r, d_in) kaiming-uniform(a = sqrt 5) and
+B (d_sel, r) = 0, so the update is zero at the start (PEFT's / the LoRA paper's init).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from mtsam.adapters.base import AdapterModule
+
+if TYPE_CHECKING:
+    from mtsam.adapters.spec import AdapterSpec
+
+
+def lora_count(d_in: int, d_out: int, rank: int) -> int:
+    """r (d_in + d_out) for one LoRA."""
+    return rank * (d_in + d_out)
+
+
+def _kaiming_a(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    a = torch.empty(rows, cols, device=like.device, dtype=like.dtype)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return a
+
+
+class LoRASTL(AdapterModule):
+    """One LoRA per task: A (T, r, d_in), B (T, d_sel, r); task t's update (alpha/r) B[t] A[t]."""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        num_tasks: int,
+        *,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        out_slices: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
+        super().__init__(base, num_tasks, out_slices=out_slices, dropout=dropout)
+        self.rank = int(rank)
+        self.scale = float(alpha) / self.rank
+        w = base.weight
+        # Per-task kaiming init: fan_in is d_in for each A[t], as for a lone LoRA.
+        self.A = nn.Parameter(
+            torch.stack([_kaiming_a(self.rank, self.in_features, w) for _ in range(num_tasks)])
+        )
+        self.B = nn.Parameter(w.new_zeros(num_tasks, self.adapted_out_features, self.rank))
+
+    @classmethod
+    def from_spec(
+        cls,
+        base: nn.Linear,
+        spec: AdapterSpec,
+        num_tasks: int,
+        *,
+        out_slices: Sequence[tuple[int, int]] | None = None,
+    ) -> LoRASTL:
+        return cls(
+            base,
+            num_tasks,
+            rank=spec.rank,
+            alpha=spec.alpha,
+            dropout=spec.dropout,
+            out_slices=out_slices,
+        )
+
+    @classmethod
+    def count_for(cls, spec: AdapterSpec, *, d_in: int, d_out: int, num_tasks: int) -> int:
+        return num_tasks * lora_count(d_in, d_out, spec.rank)
+
+    def _active(self, p: torch.Tensor) -> torch.Tensor:
+        if self.active_tasks == tuple(range(self.num_tasks)):
+            return p
+        return p[list(self.active_tasks)]
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ..., d_in) task-major -> (N, ..., d_sel): chunk i uses task active_tasks[i]'s LoRA."""
+        lead = x.shape[:-1]
+        h = self.task_chunks(self.dropout(x))  # (n_active, M, d_in)
+        h = torch.bmm(h, self._active(self.A).transpose(1, 2))  # (n_active, M, r)
+        out = torch.bmm(h, self._active(self.B).transpose(1, 2) * self.scale)
+        return out.reshape(*lead, self.adapted_out_features)
+
+    def branch_weight(self, task: int) -> torch.Tensor:
+        return self.scale * self.B[task] @ self.A[task]
+
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        yield from (self.A, self.B)
+
+    def num_parameters_formula(self) -> int:
+        return self.num_tasks * lora_count(self.in_features, self.adapted_out_features, self.rank)
+
+    def extra_repr(self) -> str:
+        return (
+            f"rank={self.rank}, scale={self.scale}, tasks={self.num_tasks}, rows={self.out_slices}"
+        )
+
+
+class LoRAHPS(AdapterModule):
+    """One LoRA shared by every task (hard parameter sharing): A (r, d_in), B (d_sel, r)."""
+
+    task_specific = False
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        num_tasks: int,
+        *,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        out_slices: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
+        super().__init__(base, num_tasks, out_slices=out_slices, dropout=dropout)
+        self.rank = int(rank)
+        self.scale = float(alpha) / self.rank
+        self.A = nn.Parameter(_kaiming_a(self.rank, self.in_features, base.weight))
+        self.B = nn.Parameter(base.weight.new_zeros(self.adapted_out_features, self.rank))
+
+    @classmethod
+    def from_spec(
+        cls,
+        base: nn.Linear,
+        spec: AdapterSpec,
+        num_tasks: int,
+        *,
+        out_slices: Sequence[tuple[int, int]] | None = None,
+    ) -> LoRAHPS:
+        return cls(
+            base,
+            num_tasks,
+            rank=spec.rank,
+            alpha=spec.alpha,
+            dropout=spec.dropout,
+            out_slices=out_slices,
+        )
+
+    @classmethod
+    def count_for(cls, spec: AdapterSpec, *, d_in: int, d_out: int, num_tasks: int) -> int:
+        return lora_count(d_in, d_out, spec.rank)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ..., d_in) -> (N, ..., d_sel); the same update for every row, any batch layout."""
+        return (self.dropout(x) @ self.A.T) @ (self.B.T * self.scale)
+
+    def branch_weight(self, task: int) -> torch.Tensor:
+        return self.scale * self.B @ self.A
+
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        yield from (self.A, self.B)
+
+    def num_parameters_formula(self) -> int:
+        return lora_count(self.in_features, self.adapted_out_features, self.rank)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale}, shared by {self.num_tasks} tasks, rows={self.out_slices}"

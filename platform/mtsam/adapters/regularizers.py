@@ -1,0 +1,51 @@
+"""Extra loss terms contributed by the adapters of a model.
+
+- ``orth_reg`` (ToRA): the mean of the list, over every adapted layer, of ||U1^T U1 - I||_F,
+  ||U2^T U2 - I||_F and ||G[:, :, v]^T G[:, :, v] - I||_F for each v < R3 (Frobenius norms,
+  not squared; U3 not regularised), as the authors define it. CP: ||A^T A - I||, ||B^T B - I||.
+- ``balance`` (Conv-LoRA): the per-layer load-balancing losses of the last forward, summed
+  over layers (each already carries its 1e-2 coefficient).
+- the LoRA methods contribute nothing (both terms are 0).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtsam.adapters.base import adapters_of
+
+
+def _zero(model: nn.Module) -> torch.Tensor:
+    p = next(model.parameters(), None)
+    return torch.zeros((), device=p.device if p is not None else "cpu")
+
+
+def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
+    """Mean of every adapter's ``orth_terms()`` (0 when no adapter has any): a scalar."""
+    terms = [t for a in adapters_of(model) for t in a.orth_terms()]
+    if not terms:
+        return _zero(model)
+    return torch.stack(terms).mean()
+
+
+def balance_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of every adapter's ``extra_loss()`` from the last forward (0 when none): a scalar."""
+    terms = [t for a in adapters_of(model) if (t := a.extra_loss()) is not None]
+    if not terms:
+        return _zero(model)
+    return torch.stack([t.reshape(()) for t in terms]).sum()
+
+
+def extra_losses(model: nn.Module, *, orth_weight: float) -> dict[str, torch.Tensor]:
+    """The adapters' loss terms for the last forward, for logging and for the loss.
+
+    Returns ``{"orth_reg": R, "balance": L, "total": orth_weight * R + L}``: ``orth_reg`` and
+    ``balance`` are unweighted (log them); add ``total`` to the task loss. Every key is always
+    present (0 for methods without the term). Call after the forward of the step.
+    """
+    if orth_weight < 0:
+        raise ValueError(f"orth_weight must be >= 0, got {orth_weight}")
+    orth = orthogonal_regularizer(model)
+    balance = balance_loss(model).to(orth.device)
+    return {"orth_reg": orth, "balance": balance, "total": orth_weight * orth + balance}
