@@ -329,7 +329,7 @@ def read_ray_dataset(
 ):
     """``ray.data.read_parquet`` over a split's verified shard files (rows as :func:`decode_row`
     expects them: tensor columns as bytes plus ``K__shape``)."""
+    files = [str(p) for p in shard_files(root, split, verify=verify)]
     import ray.data  # lazy: the library does not need Ray otherwise
 
-    files = [str(p) for p in shard_files(root, split, verify=verify)]
     return ray.data.read_parquet(files, columns=columns)

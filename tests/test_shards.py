@@ -1,0 +1,291 @@
+"""Parquet shards: bitwise round trip, crash safety, no-op re-runs, the CLI, and Ray Data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mtsam.data import (
+    DatasetError,
+    NYUv2,
+    ShardDataset,
+    SplitSource,
+    generate_scenes,
+    load_manifest,
+    read_ray_dataset,
+    write_shards,
+)
+from mtsam.data import shards as shards_mod
+from mtsam.data.shards import dataset_fingerprint, decode_row
+
+REPO = Path(__file__).resolve().parents[1]
+H, W = 8, 12
+
+
+def write_nyuv2(root: Path, n: int = 5, split: str = "train") -> None:
+    rng = np.random.default_rng(len(split) + n)
+    for folder in ("image", "label", "depth", "normal"):
+        (root / split / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        normal = rng.normal(size=(H, W, 3))
+        normal /= np.linalg.norm(normal, axis=2, keepdims=True)
+        normal[0, 0] = -0.0  # signed zeros must survive too
+        np.save(root / split / f"image/{i}.npy", rng.uniform(0, 1, (H, W, 3)).astype(np.float32))
+        np.save(root / split / f"label/{i}.npy", rng.integers(-1, 13, (H, W)).astype(np.float32))
+        np.save(root / split / f"depth/{i}.npy", rng.uniform(0, 9, (H, W, 1)).astype(np.float32))
+        np.save(root / split / f"normal/{i}.npy", normal.astype(np.float32))
+
+
+def sources(root: Path, splits=("train",), **kwargs) -> dict[str, SplitSource]:
+    out = {}
+    for split in splits:
+        ds = NYUv2(root, split, **kwargs)
+        out[split] = SplitSource(fingerprint=dataset_fingerprint(ds), open=lambda ds=ds: ds)
+    return out
+
+
+def assert_same_samples(reader, shards) -> None:
+    assert len(reader) == len(shards)
+    for i in range(len(reader)):
+        a, b = reader[i], shards[i]
+        assert set(a) == set(b)
+        for k in a:
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+            assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), (i, k)
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_round_trip_is_bitwise(tmp_path):
+    write_nyuv2(tmp_path / "src", n=5)
+    write_nyuv2(tmp_path / "src", n=2, split="val")
+    manifest = write_shards(
+        tmp_path / "out",
+        sources(tmp_path / "src", ("train", "val")),
+        dataset="nyuv2",
+        samples_per_shard=2,
+    )
+    assert manifest["tasks"] == ["semantic", "depth", "normal"]
+    assert [s["file"] for s in manifest["splits"]["train"]["shards"]] == [
+        f"train/part-{k:05d}.parquet" for k in range(3)
+    ]
+    assert manifest["splits"]["val"]["num_samples"] == 2
+    assert manifest["splits"]["train"]["shapes"]["depth"] == [1, H, W]
+    for split in ("train", "val"):
+        assert_same_samples(NYUv2(tmp_path / "src", split), ShardDataset(tmp_path / "out", split))
+    meta = json.loads(pq.read_schema(tmp_path / "out/train/part-00000.parquet").metadata[b"mtsam"])
+    assert meta["tasks"] == ["semantic", "depth", "normal"] and meta["split"] == "train"
+    assert meta["shapes"]["image"] == [3, H, W] and meta["columns"]["semantic"]["dtype"] == "int64"
+
+
+def test_task_subset_reading(tmp_path):
+    write_nyuv2(tmp_path / "src", n=2)
+    write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2")
+    s = ShardDataset(tmp_path / "out", "train", tasks=["normal"])[1]
+    assert set(s) == {"image", "normal", "index"} and int(s["index"]) == 1
+    with pytest.raises(DatasetError, match="unknown tasks"):
+        ShardDataset(tmp_path / "out", "train", tasks=["saliency"])
+    with pytest.raises(DatasetError, match="no split 'val'"):
+        ShardDataset(tmp_path / "out", "val")
+
+
+def test_scenes_round_trip_and_augmented_reading(tmp_path):
+    info = generate_scenes(tmp_path / "scenes", num_train=3, num_val=1, height=16, width=24, seed=2)
+    src = sources(tmp_path / "scenes", ("train", "val"), num_classes=info.num_classes)
+    write_shards(tmp_path / "out", src, dataset="scenes", samples_per_shard=2)
+    for split in ("train", "val"):
+        reader = NYUv2(tmp_path / "scenes", split, num_classes=info.num_classes)
+        assert_same_samples(reader, ShardDataset(tmp_path / "out", split))
+    # Same seed, same epoch: augmented shard samples equal augmented reader samples.
+    reader = NYUv2(tmp_path / "scenes", "train", num_classes=6, augment=True, seed=1)
+    shard = ShardDataset(tmp_path / "out", "train", augment=True, seed=1)
+    reader.set_epoch(3)
+    shard.set_epoch(3)
+    assert_same_samples(reader, shard)
+
+
+def test_rerun_is_noop_and_changed_input_rewrites(tmp_path):
+    write_nyuv2(tmp_path / "src", n=3)
+    write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2", samples_per_shard=2)
+    before = mtimes(tmp_path / "out")
+    opened = []
+    lazy = {
+        "train": SplitSource(
+            fingerprint=dataset_fingerprint(NYUv2(tmp_path / "src", "train")),
+            open=lambda: opened.append(1),
+        )
+    }
+    write_shards(tmp_path / "out", lazy, dataset="nyuv2", samples_per_shard=2)
+    assert opened == [] and mtimes(tmp_path / "out") == before
+    # Changed source -> new fingerprint -> rewritten, readable, equal to the new source.
+    depth = np.load(tmp_path / "src/train/depth/1.npy")
+    np.save(tmp_path / "src/train/depth/1.npy", depth + 1)
+    old_sha = load_manifest(tmp_path / "out")["splits"]["train"]["shards"][0]["sha256"]
+    write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2", samples_per_shard=2)
+    assert load_manifest(tmp_path / "out")["splits"]["train"]["shards"][0]["sha256"] != old_sha
+    assert_same_samples(NYUv2(tmp_path / "src", "train"), ShardDataset(tmp_path / "out", "train"))
+
+
+def test_missing_manifest_and_leftover_tmp_are_refused(tmp_path):
+    write_nyuv2(tmp_path / "src", n=3)
+    write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2", samples_per_shard=2)
+    (tmp_path / "out/manifest.json").unlink()
+    (tmp_path / "out/train/part-00002.parquet.tmp").write_bytes(b"half a shard")
+    with pytest.raises(DatasetError) as err:
+        ShardDataset(tmp_path / "out", "train")
+    assert str(tmp_path / "out/manifest.json") in str(err.value) and "not found" in str(err.value)
+    with pytest.raises(DatasetError, match=r"manifest\.json"):
+        read_ray_dataset(tmp_path / "out", "train")
+
+
+def test_damaged_shard_is_refused(tmp_path):
+    write_nyuv2(tmp_path / "src", n=2)
+    write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2")
+    shard = tmp_path / "out/train/part-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DatasetError) as err:
+        ShardDataset(tmp_path / "out", "train")
+    assert str(shard) in str(err.value) and "sha256" in str(err.value)
+
+
+def test_interrupted_rewrite_leaves_no_readable_folder_then_recovers(tmp_path, monkeypatch):
+    write_nyuv2(tmp_path / "src", n=4)
+    write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2", samples_per_shard=2)
+    np.save(tmp_path / "src/train/depth/0.npy", np.ones((H, W, 1), np.float32))  # new input
+    real = shards_mod._write_shard
+    calls = []
+
+    def crash_on_second(path, rows, keys, meta):
+        calls.append(path)
+        if len(calls) == 2:
+            (path.with_name(path.name + ".tmp")).write_bytes(b"partial")
+            raise KeyboardInterrupt
+        return real(path, rows, keys, meta)
+
+    monkeypatch.setattr(shards_mod, "_write_shard", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(
+            tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2", samples_per_shard=2
+        )
+    with pytest.raises(DatasetError, match="no complete shard set"):
+        ShardDataset(tmp_path / "out", "train")
+    monkeypatch.setattr(shards_mod, "_write_shard", real)
+    write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2", samples_per_shard=2)
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+    assert_same_samples(NYUv2(tmp_path / "src", "train"), ShardDataset(tmp_path / "out", "train"))
+
+
+def test_bad_input_keeps_existing_shards(tmp_path):
+    write_nyuv2(tmp_path / "src", n=3)
+    write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2")
+    before = mtimes(tmp_path / "out")
+    depth = np.load(tmp_path / "src/train/depth/2.npy")
+    depth[0, 0, 0] = np.nan
+    np.save(tmp_path / "src/train/depth/2.npy", depth)
+    with pytest.raises(DatasetError, match="NaN"):
+        write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2")
+    assert mtimes(tmp_path / "out") == before
+    assert len(ShardDataset(tmp_path / "out", "train")) == 3
+
+
+def _run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "jobs/prepare_data.py", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_prepare_data_cli(tmp_path):
+    write_nyuv2(tmp_path / "src", n=3)
+    write_nyuv2(tmp_path / "src", n=1, split="val")
+    ok = _run_cli(
+        "--dataset",
+        "nyuv2",
+        "--root",
+        str(tmp_path / "src"),
+        "--out",
+        str(tmp_path / "out"),
+        "--samples-per-shard",
+        "2",
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "train: 2/3 samples" in ok.stdout and "train: 3/3 samples" in ok.stdout
+    assert load_manifest(tmp_path / "out")["splits"]["val"]["num_samples"] == 1
+    np.save(tmp_path / "src/train/label/1.npy", np.full((H, W), 40.0, np.float32))
+    bad = _run_cli(
+        "--dataset", "nyuv2", "--root", str(tmp_path / "src"), "--out", str(tmp_path / "out")
+    )
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert str(tmp_path / "src/train/label/1.npy") in lines[0]
+
+
+def test_bootstrap_finds_platform_without_install():
+    code = (
+        "import sys; sys.path[:] = [p for p in sys.path if not p.rstrip('/').endswith('platform')];"
+        "sys.modules.pop('mtsam', None); sys.path.insert(0, 'jobs'); import _bootstrap, mtsam;"
+        "print(mtsam.__file__)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == REPO / "platform/mtsam/__init__.py"
+
+
+def test_ray_data_reads_the_shards(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    write_nyuv2(tmp_path / "src", n=3)
+    manifest = write_shards(
+        tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2", samples_per_shard=2
+    )
+    reader = NYUv2(tmp_path / "src", "train")
+    ray.init(num_cpus=1, address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        rows = read_ray_dataset(tmp_path / "out", "train").take_all()
+    finally:
+        ray.shutdown()
+    assert len(rows) == 3
+    for row in sorted(rows, key=lambda r: r["index"]):
+        got = decode_row(row, manifest["columns"])
+        want = reader[int(got["index"])]
+        for k, v in want.items():
+            assert got[k].dtype == v.numpy().dtype and got[k].tobytes() == v.numpy().tobytes(), k
+
+
+def test_dataloader_workers_do_not_change_augmented_batches(tmp_path):
+    write_nyuv2(tmp_path / "src", n=4)
+    write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2", samples_per_shard=3)
+    ds = ShardDataset(tmp_path / "out", "train", augment=True, seed=4)
+    ds.set_epoch(2)
+    ds[0]  # opens a file handle that must not be pickled into the workers
+
+    def batches(workers: int) -> list[dict]:
+        loader = DataLoader(ds, batch_size=2, num_workers=workers, shuffle=False)
+        return list(loader)
+
+    for a, b in zip(batches(0), batches(2), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert a["image"].shape == (2, 3, H, W) and a["index"].tolist() in ([0, 1], [2, 3])
