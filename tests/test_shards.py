@@ -289,3 +289,34 @@ def test_dataloader_workers_do_not_change_augmented_batches(tmp_path):
     for a, b in zip(batches(0), batches(2), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert a["image"].shape == (2, 3, H, W) and a["index"].tolist() in ([0, 1], [2, 3])
+
+
+def test_prepare_data_cli_scenes(tmp_path):
+    args = [
+        "--dataset",
+        "scenes",
+        "--root",
+        str(tmp_path / "scenes"),
+        "--out",
+        str(tmp_path / "out"),
+        "--scenes-train",
+        "3",
+        "--scenes-val",
+        "1",
+        "--height",
+        "16",
+        "--width",
+        "24",
+        "--num-classes",
+        "5",
+        "--samples-per-shard",
+        "2",
+    ]
+    ok = _run_cli(*args)
+    assert ok.returncode == 0, ok.stderr
+    for split in ("train", "val"):
+        assert_same_samples(
+            NYUv2(tmp_path / "scenes", split, num_classes=5), ShardDataset(tmp_path / "out", split)
+        )
+    bad = _run_cli(*args[:-4], "--num-classes", "12")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "num_classes" in bad.stderr
