@@ -52,7 +52,8 @@ def cv_squared(v: torch.Tensor) -> torch.Tensor:
     """Squared coefficient of variation var(v) / (mean(v)^2 + 1e-10); 0 for a single entry."""
     if v.shape[0] == 1:
         return v.new_zeros(())
-    v = v.float()
+    if v.dtype in (torch.float16, torch.bfloat16):
+        v = v.float()  # the variance of counts overflows / rounds badly in half precision
     return v.var() / (v.mean() ** 2 + 1e-10)
 
 

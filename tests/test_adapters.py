@@ -1,0 +1,535 @@
+"""Adapters against references written here: tensorly's Tucker/CP products, materialised
+weights, hand-written LoRA, numpy/scipy gate and expert computations, segment-anything's encoder."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+import tensorly as tl
+import torch
+from scipy.signal import correlate2d
+from scipy.special import erf
+from scipy.stats import norm
+from segment_anything.modeling import ImageEncoderViT
+from torch import nn
+
+from mtsam.adapters.base import AdapterModule, adapters_of, set_active_tasks
+from mtsam.adapters.conv_lora import ConvLoRA, MergeNotSupportedError
+from mtsam.adapters.inject import (
+    ADAPTERS,
+    AdapterInjectionError,
+    adapter_count_formula,
+    inject_adapters,
+    merged_copy,
+)
+from mtsam.adapters.lora import LoRAHPS, LoRASTL
+from mtsam.adapters.regularizers import extra_losses
+from mtsam.adapters.spec import AdapterSpec
+from mtsam.adapters.tora import ToRACP, ToRATucker
+
+D_IN, D_OUT, T = 6, 9, 3
+
+ALL_SPECS = {
+    "tora": AdapterSpec(method="tora", r1=3, r2=4, r3=2, dropout=0.0),
+    "tora_cp": AdapterSpec(method="tora", decomposition="cp", rank=3, dropout=0.0),
+    "lora_stl": AdapterSpec(method="lora_stl", rank=2, dropout=0.0),
+    "lora_hps": AdapterSpec(method="lora_hps", rank=2, dropout=0.0),
+    "conv_lora": AdapterSpec(method="conv_lora", rank=2, conv_experts=3, dropout=0.0),
+}
+
+
+def tiny_encoder(dtype=torch.float32) -> ImageEncoderViT:
+    torch.manual_seed(0)
+    enc = ImageEncoderViT(
+        img_size=64,
+        patch_size=16,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        window_size=2,
+        global_attn_indexes=(1,),
+        use_rel_pos=True,
+        out_chans=32,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )
+    return enc.to(dtype)
+
+
+def linear64(d_in=D_IN, d_out=D_OUT) -> nn.Linear:
+    torch.manual_seed(1)
+    return nn.Linear(d_in, d_out).double()
+
+
+def randomise(adapter: nn.Module, seed: int = 3) -> None:
+    """Give every trainable tensor a non-trivial value (the init makes the update zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.adapter_parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def np_(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+# ----------------------------------------------------------------------- tensor references
+def test_tucker_update_equals_tensorly_slices():
+    a = ToRATucker(linear64(), T, ranks=(3, 4, 2), scaling=0.7)
+    randomise(a)
+    # Mode order (d_in, d_out, T): factors (U1, U2, U3); dW_t = s * X[:, :, t]^T.
+    x = tl.tucker_to_tensor((np_(a.G), [np_(a.U1), np_(a.U2), np_(a.U3)]))
+    assert x.shape == (D_IN, D_OUT, T)
+    for t in range(T):
+        np.testing.assert_allclose(
+            np_(a.delta_weight(t)), 0.7 * x[:, :, t].T, rtol=1e-12, atol=1e-12
+        )
+
+
+def test_cp_update_equals_tensorly_slices():
+    a = ToRACP(linear64(), T, rank=3, scaling=0.3)
+    randomise(a)
+    x = tl.cp_to_tensor((np_(a.weights), [np_(a.A), np_(a.B), np_(a.C)]))
+    assert x.shape == (D_IN, D_OUT, T)
+    for t in range(T):
+        np.testing.assert_allclose(
+            np_(a.delta_weight(t)), 0.3 * x[:, :, t].T, rtol=1e-12, atol=1e-12
+        )
+
+
+def _materialised_tucker(a: ToRATucker) -> torch.Tensor:
+    """Full (T, d_out, d_in) update, differentiable, written independently of the module."""
+    x = torch.einsum("pqv,ip,jq,tv->tji", a.G, a.U1, a.U2, a.U3)
+    return a.scaling * x
+
+
+@pytest.mark.parametrize("active", [(0, 1, 2), (2, 0), (1,)])
+def test_tucker_factored_forward_and_grads_equal_materialised(active):
+    a = ToRATucker(linear64(), T, ranks=(3, 4, 2), scaling=0.5)
+    randomise(a)
+    a.set_active_tasks(active)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(len(active) * 2, 3, D_IN, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(len(active) * 2, 3, D_OUT, generator=g, dtype=torch.float64)
+
+    y = a(x)
+    (y * w).sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in a.adapter_parameters()]
+    x.grad = None
+    for p in a.adapter_parameters():
+        p.grad = None
+
+    dw = _materialised_tucker(a)
+    w0, b0 = a.base.weight, a.base.bias
+    ref = torch.cat(
+        [xc @ (w0 + dw[t]).T + b0 for xc, t in zip(x.chunk(len(active)), active, strict=True)]
+    )
+    (ref * w).sum().backward()
+    want = [x.grad] + [p.grad for p in a.adapter_parameters()]
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    for gt, wt in zip(got, want, strict=True):
+        torch.testing.assert_close(gt, wt, rtol=1e-10, atol=1e-12)
+
+
+def test_cp_factored_forward_equals_materialised():
+    a = ToRACP(linear64(), T, rank=4, scaling=0.5)
+    randomise(a)
+    x = torch.randn(T * 2, 5, D_IN, dtype=torch.float64)
+    dw = 0.5 * torch.einsum("r,ir,jr,tr->tji", a.weights, a.A, a.B, a.C)
+    ref = torch.cat(
+        [xc @ (a.base.weight + dw[t]).T + a.base.bias for t, xc in enumerate(x.chunk(T))]
+    )
+    torch.testing.assert_close(a(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_batch_not_divisible_by_active_tasks():
+    a = ToRATucker(linear64(), T, ranks=(2, 2, 2), scaling=0.5)
+    with pytest.raises(ValueError, match="task-major"):
+        a(torch.randn(4, D_IN, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out of range"):
+        a.set_active_tasks([3])
+
+
+# ----------------------------------------------------------------------- LoRA
+def test_lora_stl_matches_hand_written():
+    a = LoRASTL(linear64(), T, rank=2, alpha=6.0)
+    randomise(a)
+    a.set_active_tasks([2, 1])
+    x = torch.randn(4, 3, D_IN, dtype=torch.float64)
+    w0, b0 = np_(a.base.weight), np_(a.base.bias)
+    ref = []
+    for xc, t in zip(np_(x).reshape(2, 2, 3, D_IN), (2, 1), strict=True):
+        ref.append(xc @ w0.T + b0 + 3.0 * (xc @ np_(a.A[t]).T) @ np_(a.B[t]).T)
+    np.testing.assert_allclose(np_(a(x)), np.concatenate(ref), rtol=1e-12)
+
+
+def test_lora_hps_is_shared_and_matches_hand_written():
+    a = LoRAHPS(linear64(), T, rank=2, alpha=4.0)
+    randomise(a)
+    assert not a.task_specific
+    x = torch.randn(5, D_IN, dtype=torch.float64)
+    ref = np_(x) @ np_(a.base.weight).T + np_(a.base.bias) + 2.0 * np_(x) @ np_(a.A).T @ np_(a.B).T
+    np.testing.assert_allclose(np_(a(x)), ref, rtol=1e-12)
+    for t in range(T):
+        torch.testing.assert_close(a.delta_weight(t), a.delta_weight(0))
+
+
+def test_lora_init_kaiming_bounds_and_zero_b():
+    torch.manual_seed(0)
+    a = LoRASTL(nn.Linear(400, 30), T, rank=8, alpha=8.0)
+    bound = 1.0 / np.sqrt(400)  # kaiming-uniform with a = sqrt(5): sqrt(6 / ((1 + 5) fan_in))
+    assert a.A.abs().max() <= bound and a.A.abs().max() > 0.9 * bound
+    assert not a.B.any()
+    assert not torch.equal(a.A[0], a.A[1])
+
+
+# ----------------------------------------------------------------------- q/k/v parts
+@pytest.mark.parametrize("name", ["tora", "lora_stl", "tora_cp"])
+def test_qkv_parts_leave_unselected_rows_alone(name):
+    enc = tiny_encoder(torch.float64)
+    spec = AdapterSpec(**{**ALL_SPECS[name].to_dict(), "qkv_parts": ["q", "v"]})
+    (ad, _) = inject_adapters(enc, spec, T)
+    randomise(ad)
+    x = torch.randn(T, 2, 2, 32, dtype=torch.float64)
+    y, y0 = ad(x), ad.base(x)
+    assert ad.adapted_out_features == 64
+    torch.testing.assert_close(y[..., 32:64], y0[..., 32:64], rtol=0, atol=0)
+    assert (y[..., :32] - y0[..., :32]).abs().min() > 0
+    assert (y[..., 64:] - y0[..., 64:]).abs().min() > 0
+    dw = ad.delta_weight(1)
+    assert dw.shape == (96, 32) and not dw[32:64].any()
+    torch.testing.assert_close(ad.delta(x), y - y0, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------- Conv-LoRA
+def _gate_input():
+    # h (N=4, r=2, H=2, W=2); per-map means z are easy to read off.
+    z = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.5], [2.0, 2.0]])
+    h = np.repeat(np.repeat(z[:, :, None, None], 2, axis=2), 2, axis=3)
+    h[:, :, 0, 0] += 0.3  # spatial variation, same mean
+    h[:, :, 1, 1] -= 0.3
+    return torch.tensor(h), z
+
+
+def _cv2(v):
+    return np.var(v, ddof=1) / (np.mean(v) ** 2 + 1e-10)
+
+
+def test_gate_routing_and_balance_eval_by_hand():
+    a = ConvLoRA(linear64(), T, rank=2, alpha=2.0, num_experts=3).double().eval()
+    wg = np.array([[1.0, -1.0, 0.0], [0.0, 0.5, 2.0]])
+    with torch.no_grad():
+        a.gate.w_gate.copy_(torch.tensor(wg))
+    h, z = _gate_input()
+    choice, loss = a.gate(h)
+    logits = z @ wg  # [[1,-1,0],[0,.5,2],[-1,1.25,1],[2,-1,4]]
+    assert choice.tolist() == [0, 2, 1, 2] == list(np.argmax(logits, 1))
+    counts = np.array([1.0, 1.0, 2.0])  # importance == load in eval (gates are one-hot)
+    assert float(loss) == pytest.approx(2 * _cv2(counts), rel=1e-12)
+
+
+def test_gate_noisy_load_by_hand():
+    a = ConvLoRA(linear64(), T, rank=2, alpha=2.0, num_experts=3).double().train()
+    wg = np.array([[0.2, -0.1, 0.0], [0.0, 0.1, 0.3]])
+    wn = np.array([[0.5, -0.3, 0.1], [0.2, 0.0, -0.4]])
+    with torch.no_grad():
+        a.gate.w_gate.copy_(torch.tensor(wg))
+        a.gate.w_noise.copy_(torch.tensor(wn))
+    h, z = _gate_input()
+    torch.manual_seed(11)
+    choice, loss = a.gate(h)
+    torch.manual_seed(11)
+    eps = torch.randn(4, 3, dtype=torch.float64).numpy()
+    clean = z @ wg
+    std = np.log1p(np.exp(z @ wn)) + 1e-2
+    noisy = clean + eps * std
+    order = np.sort(noisy, axis=1)[:, ::-1]
+    best, second = order[:, :1], order[:, 1:2]
+    # Expert j's chance of being top-1 with fresh noise, the others' noisy logits held fixed.
+    p = np.where(noisy > second, norm.cdf((clean - second) / std), norm.cdf((clean - best) / std))
+    importance = np.bincount(np.argmax(noisy, 1), minlength=3).astype(float)
+    assert choice.tolist() == list(np.argmax(noisy, 1))
+    assert float(loss.detach()) == pytest.approx(_cv2(importance) + _cv2(p.sum(0)), rel=1e-9)
+
+
+def test_single_expert_has_no_balance_loss():
+    a = ConvLoRA(linear64(), T, rank=2, alpha=2.0, num_experts=1).double().train()
+    h, _ = _gate_input()
+    choice, loss = a.gate(h)
+    assert choice.tolist() == [0, 0, 0, 0] and float(loss) == 0.0
+
+
+def _gelu(v):
+    return 0.5 * v * (1 + erf(v / np.sqrt(2)))
+
+
+def test_conv_lora_routes_each_map_to_its_expert():
+    a = ConvLoRA(linear64(), T, rank=2, alpha=4.0, num_experts=3).double().eval()
+    randomise(a)
+    with torch.no_grad():
+        a.gate.w_gate.copy_(torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.5, 2.0]]))
+        a.A.zero_()
+        a.A[0, 0] = a.A[1, 1] = 1.0  # h = x[..., :2], so the gate sees _gate_input's means
+    hmap, _ = _gate_input()
+    x = torch.randn(4, 2, 2, D_IN, dtype=torch.float64)
+    x[..., :2] = hmap.permute(0, 2, 3, 1)
+    y = a(x)
+    h = (x @ a.A.T).permute(0, 3, 1, 2)
+    choice = a.last_choice.tolist()
+    assert choice == [0, 2, 1, 2]
+    for n, e in enumerate(choice):
+        mapped = h[n : n + 1] + a.experts[e](h[n : n + 1])
+        ref = x[n] @ a.base.weight.T + a.base.bias + 2.0 * mapped[0].permute(1, 2, 0) @ a.B.T
+        torch.testing.assert_close(y[n], ref, rtol=1e-12, atol=1e-12)
+    # Expert 1 (scale 1) by hand: 3x3 cross-correlation with zero padding, bias, GELU.
+    n = choice.index(0)
+    conv = a.experts[0].conv
+    hn = np_(h[n])
+    want = np.stack(
+        [
+            _gelu(
+                sum(correlate2d(hn[c], np_(conv.weight[o, c]), mode="same") for c in range(2))
+                + float(conv.bias[o].detach())
+            )
+            for o in range(2)
+        ]
+    )
+    np.testing.assert_allclose(np_(a.experts[0](h[n : n + 1]))[0], want, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_lora_needs_token_maps_and_cannot_merge():
+    a = ConvLoRA(linear64(), T, rank=2, alpha=4.0, num_experts=2).double()
+    with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
+        a(torch.randn(3, D_IN, dtype=torch.float64))
+    with pytest.raises(MergeNotSupportedError, match="non-linear"):
+        a.merge(0)
+    assert isinstance(MergeNotSupportedError("x"), NotImplementedError)
+
+
+# ----------------------------------------------------------------------- on the encoder
+@pytest.mark.parametrize("name", list(ALL_SPECS))
+@pytest.mark.parametrize("train", [False, True])
+def test_every_adapter_is_an_exact_noop_at_init(name, train):
+    enc = tiny_encoder()
+    x = torch.randn(T, 3, 64, 64)
+    enc.train(train)
+    with torch.no_grad():
+        ref = enc(x)
+    spec = AdapterSpec(
+        **{**ALL_SPECS[name].to_dict(), "targets": ["qkv", "proj", "mlp"], "dropout": 0.1}
+    )
+    ads = inject_adapters(enc, spec, T)
+    assert len(ads) == 2 * 4
+    enc.train(train)
+    with torch.no_grad():
+        assert torch.equal(enc(x), ref)
+
+
+@pytest.mark.parametrize("name", ["tora", "tora_cp", "lora_stl", "lora_hps"])
+def test_merge_equals_adapted_forward(name):
+    enc = tiny_encoder(torch.float64)
+    spec = AdapterSpec(
+        **{**ALL_SPECS[name].to_dict(), "targets": ["qkv", "mlp"], "qkv_parts": ["k", "v"]}
+    )
+    ads = inject_adapters(enc, spec, T)
+    for i, a in enumerate(ads):
+        randomise(a, seed=i)
+    enc.eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for t in range(T):
+        set_active_tasks(enc, [t])
+        with torch.no_grad():
+            want = enc(x)
+        merged = merged_copy(enc, t)
+        assert not adapters_of(merged)
+        with torch.no_grad():
+            torch.testing.assert_close(merged(x), want, rtol=1e-10, atol=1e-10)
+        lin = ads[0].merge(t)
+        xs = torch.randn(5, 32, dtype=torch.float64)
+        ads[0].set_active_tasks([t])
+        torch.testing.assert_close(lin(xs), ads[0](xs), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["tora", "lora_stl"])
+def test_stacked_batch_equals_task_at_a_time(name):
+    enc = tiny_encoder(torch.float64)
+    ads = inject_adapters(enc, ALL_SPECS[name], T)
+    for i, a in enumerate(ads):
+        randomise(a, seed=i)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    set_active_tasks(enc, range(T))
+    with torch.no_grad():
+        stacked = enc(x.repeat(T, 1, 1, 1)).chunk(T)
+    for t in range(T):
+        set_active_tasks(enc, [t])
+        with torch.no_grad():
+            torch.testing.assert_close(enc(x), stacked[t], rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(stacked[0], stacked[1])
+
+
+@pytest.mark.parametrize("name", list(ALL_SPECS))
+def test_optimizer_steps_change_only_adapter_tensors(name):
+    enc = tiny_encoder().requires_grad_(False)
+    spec = AdapterSpec(**{**ALL_SPECS[name].to_dict(), "dropout": 0.1})
+    ads = inject_adapters(enc, spec, T)
+    trainable = [p for a in ads for p in a.adapter_parameters()]
+    assert all(p.requires_grad for p in trainable)
+    frozen = {n: p.detach().clone() for n, p in enc.named_parameters() if not p.requires_grad}
+    tracked = {id(p) for p in trainable}
+    # The adapters' new tensors are trainable, the rest stays frozen.
+    assert {id(p) for p in enc.parameters() if p.requires_grad} == tracked
+    before = [p.detach().clone() for p in trainable]
+    opt = torch.optim.Adam(trainable, lr=1e-2)
+    enc.train()
+    set_active_tasks(enc, range(T))
+    for _ in range(2):
+        opt.zero_grad()
+        loss = enc(torch.randn(T, 3, 64, 64)).square().mean()
+        loss = loss + extra_losses(enc, orth_weight=1e-4)["total"]
+        loss.backward()
+        opt.step()
+    for n, p in enc.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    changed = [not torch.equal(p, b) for p, b in zip(trainable, before, strict=True)]
+    assert sum(changed) >= 2
+
+
+# ----------------------------------------------------------------------- regularisers
+def test_orth_regulariser_by_hand():
+    enc = tiny_encoder(torch.float64)
+    ads = inject_adapters(enc, AdapterSpec(method="tora", r1=3, r2=4, r3=2), T)
+    for i, a in enumerate(ads):
+        randomise(a, seed=i)
+    terms = []
+    for a in ads:
+        mats = [np_(a.U1), np_(a.U2)] + [np_(a.G)[:, :, v] for v in range(2)]
+        terms += [np.sqrt(((m.T @ m - np.eye(m.shape[1])) ** 2).sum()) for m in mats]
+    with torch.no_grad():
+        out = extra_losses(enc, orth_weight=0.25)
+    assert len(terms) == 2 * 4
+    assert float(out["orth_reg"]) == pytest.approx(np.mean(terms), rel=1e-12)
+    assert float(out["total"]) == pytest.approx(0.25 * np.mean(terms), rel=1e-12)
+    assert float(out["balance"]) == 0.0
+
+
+def test_orth_regulariser_at_init_order_of_magnitude():
+    # N(0, 1) factors: ||U^T U - I||_F ~ d sqrt(R) on the diagonal; G = 0 gives sqrt(R2).
+    torch.manual_seed(0)
+    a = ToRATucker(nn.Linear(256, 768), T, ranks=(8, 8, 2), scaling=0.5)
+    terms = [float(t) for t in a.orth_terms()]
+    assert terms[0] == pytest.approx(255 * np.sqrt(8), rel=0.1)
+    assert terms[1] == pytest.approx(767 * np.sqrt(8), rel=0.1)
+    assert terms[2:] == pytest.approx([np.sqrt(8)] * 2, rel=1e-6)
+
+
+def test_cp_orth_terms_and_lora_has_none():
+    a = ToRACP(linear64(), T, rank=3, scaling=0.5)
+    want = [np.linalg.norm(np_(m).T @ np_(m) - np.eye(3)) for m in (a.A, a.B)]
+    assert [float(t) for t in a.orth_terms()] == pytest.approx(want, rel=1e-12)
+    enc = tiny_encoder()
+    inject_adapters(enc, ALL_SPECS["lora_stl"], T)
+    out = extra_losses(enc, orth_weight=1.0)
+    assert float(out["total"]) == 0.0 and float(out["orth_reg"]) == 0.0
+
+
+def test_balance_sums_layers():
+    enc = tiny_encoder()
+    ads = inject_adapters(enc, ALL_SPECS["conv_lora"], T)
+    enc.train()
+    enc(torch.randn(2, 3, 64, 64))
+    per_layer = [float(a.extra_loss()) for a in ads]
+    out = extra_losses(enc, orth_weight=5.0)
+    assert float(out["balance"]) == pytest.approx(sum(per_layer), rel=1e-6)
+    assert float(out["total"]) == pytest.approx(sum(per_layer), rel=1e-6)
+    assert float(out["orth_reg"]) == 0.0
+
+
+# ----------------------------------------------------------------------- counts
+@pytest.mark.parametrize("name", list(ALL_SPECS))
+@pytest.mark.parametrize("targets", [("qkv",), ("qkv", "proj", "mlp")])
+def test_parameter_counts_equal_formulas(name, targets):
+    enc = tiny_encoder()
+    spec = AdapterSpec(
+        **{**ALL_SPECS[name].to_dict(), "targets": list(targets), "qkv_parts": ["q", "k"]}
+    )
+    ads = inject_adapters(enc, spec, T)
+    for a in ads:
+        assert a.num_parameters() == a.num_parameters_formula()
+    assert sum(a.num_parameters() for a in ads) == adapter_count_formula(
+        spec, embed_dim=32, depth=2, num_tasks=T
+    )
+
+
+def test_hand_formulas():
+    lin = nn.Linear(10, 30)
+    assert ToRATucker(lin, 3, ranks=(2, 3, 4), scaling=1).num_parameters() == 20 + 90 + 12 + 24
+    assert ToRACP(lin, 3, rank=2, scaling=1).num_parameters() == 2 * (10 + 30 + 3 + 1)
+    assert LoRASTL(lin, 3, rank=2, alpha=1).num_parameters() == 3 * 2 * 40
+    assert LoRAHPS(lin, 3, rank=2, alpha=1).num_parameters() == 2 * 40
+    # LoRA + gate (2 x r x M) + M convs (r x r x 3 x 3 + r).
+    assert ConvLoRA(lin, 3, rank=2, alpha=1, num_experts=4).num_parameters() == 80 + 16 + 4 * 38
+
+
+def test_tora_nyuv2_vit_l_count():
+    # The authors' setting: ViT-L (1024 wide, 24 blocks), T = 3, qkv, R1 = R2 = 32, R3 = 4.
+    spec = AdapterSpec(method="tora", r1=32, r2=32, r3=4)
+    one = ToRATucker.from_spec(nn.Linear(1024, 3072), spec, 3)
+    assert one.num_parameters() == 135_180
+    assert adapter_count_formula(spec, embed_dim=1024, depth=24, num_tasks=3) == 3_244_320
+
+
+# ----------------------------------------------------------------------- injection and spec
+def test_injection_targets_and_refuses_twice():
+    enc = tiny_encoder()
+    spec = AdapterSpec(method="lora_stl", targets=("qkv", "proj", "mlp"))
+    ads = inject_adapters(enc, spec, T)
+    for blk in enc.blocks:
+        for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.lin1, blk.mlp.lin2):
+            assert isinstance(m, LoRASTL)
+    assert [a.out_features for a in ads[:4]] == [96, 32, 128, 32]
+    with pytest.raises(AdapterInjectionError, match="already holds 8 LoRASTL"):
+        inject_adapters(enc, spec, T)
+    with pytest.raises(AdapterInjectionError, match="ImageEncoderViT"):
+        inject_adapters(nn.Linear(2, 2), spec, T)
+
+
+def test_registry_covers_every_method():
+    assert set(ADAPTERS) == {
+        AdapterSpec(method=m).variant for m in ("lora_stl", "lora_hps", "conv_lora")
+    } | {
+        "tora_tucker",
+        "tora_cp",
+    }
+    assert all(issubclass(c, AdapterModule) for c in ADAPTERS.values())
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("method", "lora"),
+        ("method", "none"),
+        ("decomposition", "tt"),
+        ("r1", 0),
+        ("r3", 1.5),
+        ("rank", True),
+        ("alpha", 0),
+        ("scaling", "big"),
+        ("dropout", 1.0),
+        ("targets", ()),
+        ("targets", ("qkv", "attn")),
+        ("qkv_parts", ("q", "q")),
+        ("conv_experts", 0),
+    ],
+)
+def test_bad_spec_field_is_named(field, value):
+    with pytest.raises(ValueError, match=f"'{field}'"):
+        AdapterSpec(**{field: value})
+
+
+def test_spec_dict_round_trip():
+    spec = AdapterSpec(method="conv_lora", targets=["qkv", "mlp"], qkv_parts=["v"], conv_experts=2)
+    assert AdapterSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="unknown fields"):
+        AdapterSpec.from_dict({**spec.to_dict(), "ranks": 3})
