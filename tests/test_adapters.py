@@ -534,3 +534,20 @@ def test_spec_dict_round_trip():
     assert AdapterSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError, match="unknown fields"):
         AdapterSpec.from_dict({**spec.to_dict(), "ranks": 3})
+
+
+# ----------------------------------------------------------------------- growth table / plot
+def test_param_growth_formulas_and_plot(tmp_path):
+    from mtsam.adapters.growth import growth_markdown, param_growth, plot_param_growth
+
+    rows = {(r["model"], r["tasks"]): r for r in param_growth(max_tasks=10)}
+    assert len(rows) == 30
+    assert rows[("vit_l", 3)]["tora"] == 3_244_320
+    for t in (1, 5, 10):
+        # ViT-H: 32 blocks of qkv 1280 -> 3840; LoRA rank 32; ToRA 32/32/4.
+        assert rows[("vit_h", t)]["lora_stl"] == t * 32 * 32 * (1280 + 3840)
+        assert rows[("vit_h", t)]["lora_hps"] == 32 * 32 * (1280 + 3840)
+        assert rows[("vit_h", t)]["tora"] == 32 * (1280 * 32 + 3840 * 32 + 4 * t + 32 * 32 * 4)
+    assert "| vit_b | 10 |" in growth_markdown(list(rows.values()))
+    png = plot_param_growth(tmp_path / "sub" / "growth.png", max_tasks=4)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
