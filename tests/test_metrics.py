@@ -1,0 +1,381 @@
+"""Metric accumulators against hand-computed values and independent numpy references;
+exact accumulation over uneven batches, simulated and real (gloo) data-parallel workers;
+delta_m against LibMTL's count_improvement formula."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mtsam.tasks import (
+    ConfusionAccumulator,
+    DepthAccumulator,
+    NormalAccumulator,
+    SaliencyAccumulator,
+    TaskInputError,
+    all_reduce_,
+    build_task,
+    delta_m,
+)
+
+
+def one_hot_logits(pred: np.ndarray, num_classes: int) -> torch.Tensor:
+    """(B, H, W) class ids -> (B, C, H, W) scores whose arg-max is ``pred``."""
+    p = torch.as_tensor(pred, dtype=torch.long)
+    return torch.nn.functional.one_hot(p, num_classes).permute(0, 3, 1, 2).float() * 5.0
+
+
+# ---------------------------------------------------------------- segmentation
+
+
+GT = np.array([[0, 0, 1, 1], [0, 2, 1, -1], [2, 2, -1, 1]])
+PRED = np.array([[0, 1, 1, 1], [0, 2, 0, 3], [2, 3, 0, 1]])
+
+
+def test_miou_hand_computed_with_ignore_and_absent_class():
+    # 10 valid pixels, 7 correct. IoU: class 0 = 2/4, class 1 = 3/5, class 2 = 2/3,
+    # class 3 (predicted once, never in gt) = 0 and counts, class 4 (nowhere) is left out.
+    acc = ConfusionAccumulator(task="semantic", num_classes=5)
+    acc.update(one_hot_logits(PRED[None], 5), torch.as_tensor(GT[None]))
+    out = acc.compute()
+    assert out["pixel_acc"] == pytest.approx(0.7)
+    assert out["miou"] == pytest.approx((1 / 2 + 3 / 5 + 2 / 3 + 0) / 4)
+    assert not math.isnan(out["miou"])
+
+
+def test_miou_empty_split_is_nan_not_error():
+    acc = ConfusionAccumulator(task="semantic", num_classes=3)
+    acc.update(torch.zeros(1, 3, 2, 2), torch.full((1, 2, 2), -1))
+    out = acc.compute()
+    assert math.isnan(out["miou"]) and math.isnan(out["pixel_acc"])
+
+
+def numpy_miou(pred: np.ndarray, gt: np.ndarray, c: int) -> tuple[float, float]:
+    """Independent reference: per-class IoU with explicit boolean masks."""
+    keep = gt != -1
+    p, g = pred[keep], gt[keep]
+    ious = []
+    for k in range(c):
+        inter = np.sum((p == k) & (g == k))
+        union = np.sum((p == k) | (g == k))
+        if union > 0:
+            ious.append(inter / union)
+    return float(np.mean(ious)), float(np.mean(p == g))
+
+
+def test_miou_random_against_numpy():
+    rng = np.random.default_rng(0)
+    gt = rng.integers(-1, 6, size=(3, 7, 9))
+    pred = rng.integers(0, 6, size=(3, 7, 9))
+    acc = ConfusionAccumulator(task="semantic", num_classes=6)
+    acc.update(one_hot_logits(pred, 6), torch.as_tensor(gt))
+    miou, pa = numpy_miou(pred, gt, 6)
+    assert acc.compute()["miou"] == pytest.approx(miou)
+    assert acc.compute()["pixel_acc"] == pytest.approx(pa)
+
+
+def test_label_out_of_range_is_rejected():
+    acc = ConfusionAccumulator(task="semantic", num_classes=3)
+    with pytest.raises(TaskInputError, match=r"semantic: target labels must be in 0\.\.2"):
+        acc.update(torch.zeros(1, 3, 2, 2), torch.tensor([[[0, 3], [1, 2]]]))
+    with pytest.raises(TaskInputError, match=r"\(B, 3, H, W\)"):
+        acc.update(torch.zeros(1, 4, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+    with pytest.raises(TaskInputError, match="target must be"):
+        acc.update(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 3, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- depth
+
+
+def test_depth_errors_skip_invalid_pixels():
+    # valid gt 2, 4, 1 with |d| = 1, 1, 0: abs = 2/3, rel = (1/2 + 1/4 + 0) / 3.
+    gt = torch.tensor([[[[2.0, 0.0], [4.0, 1.0]]]])
+    pred = torch.tensor([[[[1.0, 5.0], [5.0, 1.0]]]])
+    acc = DepthAccumulator()
+    acc.update(pred, gt)
+    out = acc.compute()
+    assert out["abs_err"] == pytest.approx(2 / 3)
+    assert out["rel_err"] == pytest.approx(0.25)
+
+
+def test_depth_pixel_weighted_not_mean_of_batches():
+    acc = DepthAccumulator()
+    # batch 1: one valid pixel, error 3; batch 2: three valid pixels, error 1 each.
+    acc.update(torch.tensor([[[[4.0, 9.0]]]]), torch.tensor([[[[1.0, 0.0]]]]))
+    acc.update(torch.full((1, 1, 1, 3), 2.0), torch.ones(1, 1, 1, 3))
+    assert acc.compute()["abs_err"] == pytest.approx((3 + 1 + 1 + 1) / 4)  # not (3 + 1) / 2
+    assert acc.compute()["rel_err"] == pytest.approx((3 + 1 + 1 + 1) / 4)
+
+
+# ---------------------------------------------------------------- normal
+
+
+def _unit(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v)
+
+
+def normal_pair(pairs):
+    """[(pred_vec, gt_vec), ...] -> (1, 3, 1, N) tensors."""
+    pred = torch.tensor(np.array([p for p, _ in pairs]).T[None, :, None, :], dtype=torch.float32)
+    gt = torch.tensor(np.array([g for _, g in pairs]).T[None, :, None, :], dtype=torch.float32)
+    return pred, gt
+
+
+def test_normal_angles_hand_computed():
+    x, y = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]
+    c20 = [math.cos(math.radians(20)), math.sin(math.radians(20)), 0.0]
+    pairs = [
+        (x, y),  # 90 degrees
+        ([2.0, 0.0, 0.0], x),  # 0 (the prediction is not unit length)
+        ([1.0, 1.0, 0.0], x),  # 45
+        ([-1.0, 0.0, 0.0], x),  # 180
+        ([1.0, math.sqrt(3.0), 0.0], x),  # 60
+        (c20, x),  # 20
+        ([0.3, -0.2, 0.9], [0.0, 0.0, 0.0]),  # invalid target: ignored
+    ]
+    acc = NormalAccumulator()
+    acc.update(*normal_pair(pairs))
+    out = acc.compute()
+    assert out["mean_deg"] == pytest.approx((90 + 0 + 45 + 180 + 60 + 20) / 6, abs=1e-4)
+    assert out["median_deg"] == pytest.approx((45 + 60) / 2, abs=0.0101)
+    assert out["within_11_25"] == pytest.approx(1 / 6)
+    assert out["within_22_5"] == pytest.approx(2 / 6)
+    assert out["within_30"] == pytest.approx(2 / 6)
+
+
+def test_normal_only_zero_targets_gives_nan():
+    acc = NormalAccumulator()
+    acc.update(torch.ones(1, 3, 2, 2), torch.zeros(1, 3, 2, 2))
+    assert all(math.isnan(v) for v in acc.compute().values())
+
+
+@pytest.mark.parametrize("n", [1, 2, 999, 1000])
+def test_normal_median_within_one_bin_of_numpy(n):
+    rng = np.random.default_rng(n)
+    gt = rng.normal(size=(n, 3))
+    gt /= np.linalg.norm(gt, axis=1, keepdims=True)
+    pred = gt + rng.normal(scale=0.4, size=(n, 3))
+    cos = np.clip(np.sum(pred / np.linalg.norm(pred, axis=1, keepdims=True) * gt, 1), -1, 1)
+    ang = np.degrees(np.arccos(cos))
+    acc = NormalAccumulator()
+    acc.update(*normal_pair(list(zip(pred, gt, strict=True))))
+    out = acc.compute()
+    assert abs(out["median_deg"] - np.median(ang)) <= 0.0101
+    assert out["mean_deg"] == pytest.approx(np.mean(ang), abs=1e-3)
+    assert out["within_22_5"] == pytest.approx(np.mean(ang < 22.5))
+
+
+# ---------------------------------------------------------------- saliency
+
+
+def saliency_logits(prob: np.ndarray) -> torch.Tensor:
+    """(B, H, W) probabilities -> (B, 2, H, W) logits with softmax(.)[:, 1] == prob."""
+    p = torch.as_tensor(prob, dtype=torch.float64)
+    return torch.stack([torch.zeros_like(p), torch.log(p / (1 - p))], dim=1)
+
+
+def test_saliency_maxf_tiny_case():
+    # Positives at thresholds in (0.605, 0.805]: {0.905, 0.805}, all salient; P = 3 salient
+    # pixels: precision 1, recall 2/3, F = 1.3 * 2/3 / (0.3 + 2/3) = 26/29, the maximum
+    # (at (0.305, 0.605]: p = r = 2/3, F = 2/3; at (0.205, 0.305]: p = 3/4, r = 1, F = 39/49).
+    prob = np.array([[[0.905, 0.805, 0.305, 0.605, 0.205, 0.055, 0.7]]])
+    gt = torch.tensor([[[1, 1, 1, 0, 0, 0, -1]]])
+    acc = SaliencyAccumulator()
+    acc.update(saliency_logits(prob), gt)
+    out = acc.compute()
+    assert out["maxf"] == pytest.approx(26 / 29)
+    # At 0.5: pred [1, 1, 0, 1, 0, 0]; both classes have IoU 2 / 4.
+    assert out["miou"] == pytest.approx(0.5)
+
+
+def numpy_maxf(prob, gt, step=0.01, b2=0.3):
+    """Independent reference: loop over thresholds with explicit counts."""
+    keep = gt != -1
+    p, g = prob[keep], gt[keep]
+    best = 0.0
+    for k in range(1, round(1 / step)):
+        pos = p > k * step
+        tp = np.sum(pos & (g == 1))
+        prec = tp / pos.sum() if pos.sum() else 0.0
+        rec = tp / np.sum(g == 1)
+        if prec + rec > 0:
+            best = max(best, (1 + b2) * prec * rec / (b2 * prec + rec))
+    return best
+
+
+def test_saliency_random_against_numpy():
+    rng = np.random.default_rng(3)
+    gt = rng.integers(-1, 2, size=(2, 6, 7))
+    prob = np.clip(0.35 * gt + rng.uniform(0, 0.65, size=gt.shape), 0.001, 0.999)
+    prob = np.round(prob, 3) + 0.0004  # keep clear of the 0.01 threshold grid
+    acc = SaliencyAccumulator()
+    acc.update(saliency_logits(prob), torch.as_tensor(gt))
+    assert acc.compute()["maxf"] == pytest.approx(numpy_maxf(prob, gt))
+
+
+def test_saliency_without_positive_pixels_is_nan():
+    acc = SaliencyAccumulator()
+    acc.update(saliency_logits(np.full((1, 2, 2), 0.7)), torch.zeros(1, 2, 2, dtype=torch.long))
+    assert math.isnan(acc.compute()["maxf"])
+
+
+# ---------------------------------------------------------------- exact accumulation
+
+
+def random_batch(task: str, n: int, rng: torch.Generator, h: int = 5, w: int = 6):
+    if task == "semantic":
+        return torch.randn(n, 4, h, w, generator=rng), torch.randint(
+            -1, 4, (n, h, w), generator=rng
+        )
+    if task == "human_parts":
+        return torch.randn(n, 7, h, w, generator=rng), torch.randint(
+            -1, 7, (n, h, w), generator=rng
+        )
+    if task == "saliency":
+        return torch.randn(n, 2, h, w, generator=rng), torch.randint(
+            -1, 2, (n, h, w), generator=rng
+        )
+    if task == "depth":
+        gt = (
+            torch.rand(n, 1, h, w, generator=rng)
+            * 5
+            * (torch.rand(n, 1, h, w, generator=rng) > 0.3)
+        )
+        return torch.rand(n, 1, h, w, generator=rng) * 5, gt
+    gt = torch.nn.functional.normalize(torch.randn(n, 3, h, w, generator=rng), dim=1)
+    gt = gt * (torch.rand(n, 1, h, w, generator=rng) > 0.3)
+    return torch.randn(n, 3, h, w, generator=rng), gt
+
+
+TASKS = ["semantic", "human_parts", "saliency", "depth", "normal"]
+
+
+def make_acc(task):
+    return build_task(task, num_classes=4 if task == "semantic" else None).new_accumulator()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_uneven_batches_equal_one_shot(task):
+    logits, target = random_batch(task, 5, torch.Generator().manual_seed(7))
+    whole = make_acc(task)
+    whole.update(logits, target)
+    parts = make_acc(task)
+    for lo, hi in [(0, 2), (2, 3), (3, 5)]:
+        parts.update(logits[lo:hi], target[lo:hi])
+    assert parts.compute() == pytest.approx(whole.compute(), rel=1e-12)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_two_simulated_workers_sum_equals_one_shot(task):
+    logits, target = random_batch(task, 5, torch.Generator().manual_seed(11))
+    whole = make_acc(task)
+    whole.update(logits, target)
+    a, b = make_acc(task), make_acc(task)
+    a.update(logits[:1], target[:1])
+    b.update(logits[1:], target[1:])
+    summed = make_acc(task)
+    summed.load_state(a.state() + b.state())
+    assert summed.state().dtype == torch.float64 and summed.state().dim() == 1
+    assert summed.compute() == pytest.approx(whole.compute(), rel=1e-12)
+    a.merge(b)
+    assert a.compute() == pytest.approx(whole.compute(), rel=1e-12)
+
+
+def test_load_state_and_merge_reject_mismatches():
+    acc = ConfusionAccumulator(task="semantic", num_classes=3)
+    with pytest.raises(ValueError, match=r"semantic: metric state must have shape \(9,\)"):
+        acc.load_state(torch.zeros(4))
+    with pytest.raises(ValueError, match="cannot merge"):
+        acc.merge(DepthAccumulator())
+
+
+def test_all_reduce_without_process_group_is_noop():
+    assert not dist.is_initialized()
+    acc = DepthAccumulator()
+    acc.update(torch.ones(1, 1, 1, 2), torch.full((1, 1, 1, 2), 2.0))
+    before = acc.state()
+    all_reduce_([acc])
+    assert torch.equal(acc.state(), before)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        accs = []
+        for task in TASKS:
+            logits, target = random_batch(task, 5, torch.Generator().manual_seed(5))
+            lo, hi = (0, 2) if rank == 0 else (2, 5)  # uneven shards
+            acc = make_acc(task)
+            acc.update(logits[lo:hi], target[lo:hi])
+            accs.append(acc)
+        all_reduce_(accs)
+        torch.save([a.compute() for a in accs], os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_over_two_gloo_processes(tmp_path):
+    mp.spawn(_gloo_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    expected = []
+    for task in TASKS:
+        logits, target = random_batch(task, 5, torch.Generator().manual_seed(5))
+        acc = make_acc(task)
+        acc.update(logits, target)
+        expected.append(acc.compute())
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", map_location="cpu", weights_only=True)
+        for g, e in zip(got, expected, strict=True):
+            assert g == pytest.approx(e, rel=1e-12)
+
+
+# ---------------------------------------------------------------- delta_m
+
+
+def test_delta_m_positive_when_better_than_baseline():
+    base = {"semantic": {"miou": 0.5}, "depth": {"abs_err": 0.4}}
+    dirs = {"semantic": {"miou": True}, "depth": {"abs_err": False}}
+    better = {"semantic": {"miou": 0.55}, "depth": {"abs_err": 0.36}}
+    worse = {"semantic": {"miou": 0.45}, "depth": {"abs_err": 0.44}}
+    assert delta_m(better, base, dirs) == pytest.approx(10.0)
+    assert delta_m(worse, base, dirs) == pytest.approx(-10.0)
+    assert delta_m(base, base, dirs) == 0.0
+
+
+def test_delta_m_matches_libmtl_count_improvement_example():
+    # LibMTL docstring example; its weight w = 1 means higher is better, and it returns
+    # mean_t mean_m (-1)**w (B - N) / B (a fraction): here by hand.
+    base = {"A": {"a1": 96.0, "a2": 98.0}, "B": {"b1": 0.2}}
+    new = {"A": {"a1": 93.0, "a2": 99.0}, "B": {"b1": 0.5}}
+    dirs = {"A": {"a1": True, "a2": False}, "B": {"b1": True}}
+    task_a = (-(96 - 93) / 96 + (98 - 99) / 98) / 2
+    task_b = -(0.2 - 0.5) / 0.2
+    assert delta_m(new, base, dirs) == pytest.approx(100 * (task_a + task_b) / 2)
+
+
+def test_delta_m_errors_name_the_problem():
+    dirs = {"depth": {"abs_err": False, "rel_err": False}}
+    res = {"depth": {"abs_err": 0.3}}
+    with pytest.raises(ValueError, match=r"depth/rel_err: not in the results"):
+        delta_m(res, {"depth": {"abs_err": 0.4, "rel_err": 0.1}}, dirs)
+    with pytest.raises(ValueError, match=r"depth/foo: unknown metric"):
+        delta_m({"depth": {"foo": 1.0}}, {"depth": {"foo": 1.0}}, dirs)
+    with pytest.raises(ValueError, match=r"depth/abs_err: baseline value 0"):
+        delta_m(res, {"depth": {"abs_err": 0.0}}, dirs)
+    with pytest.raises(ValueError, match=r"no baseline for \['normal'\]"):
+        delta_m({**res, "normal": {"mean_deg": 1.0}}, {"depth": {"abs_err": 0.4}}, dirs)
