@@ -551,3 +551,65 @@ def test_param_growth_formulas_and_plot(tmp_path):
     assert "| vit_b | 10 |" in growth_markdown(list(rows.values()))
     png = plot_param_growth(tmp_path / "sub" / "growth.png", max_tasks=4)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------- branch dropout
+def test_keep_mask_rate_and_independent_lanes():
+    from mtsam.adapters.dropout import keep_mask
+
+    torch.manual_seed(0)
+    q = round(0.1 * 32768)
+    m = keep_mask((1000, 2000), q).double()
+    p_keep = 1 - q / 32768
+    assert m.shape == (1000, 2000)
+    lanes = m.view(-1, 2)
+    for lane in (lanes[:, 0], lanes[:, 1]):  # both halves of a random word
+        assert abs(float(lane.mean()) - p_keep) < 2e-3
+    assert abs(float((lanes[:, 0] * lanes[:, 1]).mean()) - p_keep**2) < 2e-3
+    assert keep_mask((3,), q).shape == (3,)  # odd sizes
+
+
+def test_branch_dropout_modes():
+    from mtsam.adapters.dropout import BranchDropout
+
+    x = torch.randn(4, 8)
+    d = BranchDropout(0.3)
+    d.eval()
+    out, scale = d(x)
+    assert out is x and scale == 1.0
+    d.train()
+    out, scale = d(x)
+    kept = out != 0
+    assert torch.equal(out[kept], x[kept]) and scale == pytest.approx(1 / (1 - d.cpu_p))
+    assert abs(d.cpu_p - 0.3) < 2e-5
+    assert BranchDropout(0.0).train()(x)[0] is x
+    with pytest.raises(ValueError, match="dropout"):
+        BranchDropout(1.0)
+
+
+@pytest.mark.parametrize("cls", [ToRATucker, ToRACP, LoRASTL, LoRAHPS])
+def test_dropout_only_on_the_branch_and_rescaled(cls):
+    from mtsam.adapters.dropout import keep_mask
+
+    kwargs = {
+        ToRATucker: dict(ranks=(3, 4, 2), scaling=0.5),
+        ToRACP: dict(rank=3, scaling=0.5),
+        LoRASTL: dict(rank=2, alpha=3.0),
+        LoRAHPS: dict(rank=2, alpha=3.0),
+    }[cls]
+    a = cls(linear64(), T, dropout=0.25, out_slices=((0, 3), (6, 9)), **kwargs).train()
+    randomise(a)
+    x = torch.randn(T * 2, 5, D_IN, dtype=torch.float64)
+    torch.manual_seed(4)
+    y = a(x)
+    torch.manual_seed(4)
+    mask = keep_mask(x.shape, round(0.25 * 32768))
+    xd = torch.where(mask, x, 0.0) / (1 - a.dropout.cpu_p)
+    ref = torch.cat(
+        [
+            xc @ a.base.weight.T + a.base.bias + xdc @ a.delta_weight(t).T
+            for t, (xc, xdc) in enumerate(zip(x.chunk(T), xd.chunk(T), strict=True))
+        ]
+    )
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    assert not mask.all()

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from mtsam.adapters.dropout import BranchDropout
+
 if TYPE_CHECKING:
     from mtsam.adapters.spec import AdapterSpec
 
@@ -39,7 +41,8 @@ class AdapterModule(nn.Module, ABC):
         num_tasks: T, the number of tasks.
         out_slices: (start, stop) row ranges of the base output that receive the update, in
             increasing order; None for all rows.
-        dropout: dropout probability on the branch input (training mode only).
+        dropout: dropout probability on the branch input (training mode only); subclasses call
+            ``x_masked, scale = self.dropout(x)`` and fold ``scale`` into a small factor.
     """
 
     task_specific: bool = True
@@ -74,7 +77,7 @@ class AdapterModule(nn.Module, ABC):
                 )
             prev = b
         self.out_slices = slices
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = BranchDropout(dropout)
 
     @classmethod
     @abstractmethod
@@ -118,17 +121,70 @@ class AdapterModule(nn.Module, ABC):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, ..., d_in) with N = len(active_tasks) * B, task-major -> (N, ..., d_out)."""
-        return self._add_rows(self.base(x), self.branch(x))
+        """x: (N, ..., d_in) with N = len(active_tasks) * B, task-major -> (N, ..., d_out).
+
+        Low-rank methods write base and update into one buffer: for a shared final factor the
+        update GEMM creates the output (with the bias) and the frozen GEMM accumulates into it
+        in place, so there is no separate update tensor and no output-sized sum; per-task
+        factors use one batched ``baddbmm`` on the base output.
+        """
+        parts = self.low_rank_parts(x)
+        if parts is None:
+            return self._add_rows(self.base(x), self.branch(x))
+        h, w = parts
+        w = self._full_rows(w)
+        lead = x.shape[:-1]
+        if h.ndim == 2:
+            b = self.base.bias
+            out = h @ w.T if b is None else torch.addmm(b, h, w.T)  # fresh (N*, d_out)
+            # In place on a fresh, unsaved, non-view tensor: no copy in forward or backward.
+            out.addmm_(x.reshape(-1, self.in_features), self.base.weight.T)
+        else:
+            # (A batched in-place GEMM with the frozen weight broadcast over tasks is slower
+            # on CPU than one big GEMM plus an out-of-place baddbmm.)
+            y = self.base(x).reshape(h.shape[0], -1, self.out_features)
+            out = torch.baddbmm(y, h, w.transpose(1, 2))
+        return out.view(*lead, self.out_features)
+
+    def _full_rows(self, w: torch.Tensor) -> torch.Tensor:
+        """w (..., d_sel, k) -> (..., d_out, k) with zero rows outside ``out_slices``."""
+        if self.full_output:
+            return w
+        pieces, start, used = [], 0, 0
+        for a, e in self.out_slices:
+            if a > start:
+                pieces.append(w.new_zeros((*w.shape[:-2], a - start, w.shape[-1])))
+            pieces.append(w[..., used : used + e - a, :])
+            used += e - a
+            start = e
+        if start < self.out_features:
+            pieces.append(w.new_zeros((*w.shape[:-2], self.out_features - start, w.shape[-1])))
+        return torch.cat(pieces, dim=-2)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter branch alone: (N, ..., d_in) -> (N, ..., d_out), zeros on unadapted rows."""
         b = self.branch(x)
         return self._add_rows(b.new_zeros((*b.shape[:-1], self.out_features)), b)
 
-    @abstractmethod
+    def low_rank_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The branch as a final low-rank product, or None if it is not one.
+
+        Returns (h, w) with branch(x) = h @ w^T: either h (N*, k) and w (d_sel, k) shared by
+        all rows, or h (n_active, M, k) and w (n_active, d_sel, k) per task chunk; any dropout
+        and scale already applied.
+        """
+        return None
+
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """The update on the adapted rows: (N, ..., d_in) -> (N, ..., d_sel)."""
+        parts = self.low_rank_parts(x)
+        if parts is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} defines neither branch nor low_rank_parts"
+            )
+        h, w = parts
+        out = h @ w.T if h.ndim == 2 else torch.bmm(h, w.transpose(1, 2))
+        return out.reshape(*x.shape[:-1], self.adapted_out_features)
 
     def _add_rows(self, y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """y (..., d_out) plus b (..., d_sel) placed on ``out_slices``."""

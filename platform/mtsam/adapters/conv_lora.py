@@ -198,7 +198,8 @@ class ConvLoRA(AdapterModule):
                 f"Conv-LoRA needs a (N, H, W, C) token map as the linear's input, got shape "
                 f"{tuple(x.shape)}"
             )
-        h = (self.dropout(x) @ self.A.T).permute(0, 3, 1, 2)  # (N, r, H, W)
+        xd, keep_scale = self.dropout(x)
+        h = (xd @ (self.A.T * keep_scale)).permute(0, 3, 1, 2)  # (N, r, H, W)
         h = self.mix(h).permute(0, 2, 3, 1)
         return h @ (self.B.T * self.scale)
 

@@ -80,13 +80,11 @@ class LoRASTL(AdapterModule):
             return p
         return p[list(self.active_tasks)]
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, ..., d_in) task-major -> (N, ..., d_sel): chunk i uses task active_tasks[i]'s LoRA."""
-        lead = x.shape[:-1]
-        h = self.task_chunks(self.dropout(x))  # (n_active, M, d_in)
-        h = torch.bmm(h, self._active(self.A).transpose(1, 2))  # (n_active, M, r)
-        out = torch.bmm(h, self._active(self.B).transpose(1, 2) * self.scale)
-        return out.reshape(*lead, self.adapted_out_features)
+    def low_rank_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunk i uses task active_tasks[i]'s LoRA: h (n_active, M, r), w (n_active, d_sel, r)."""
+        xd, keep_scale = self.dropout(x)
+        h = torch.bmm(self.task_chunks(xd), self._active(self.A).transpose(1, 2))
+        return h, self._active(self.B) * (self.scale * keep_scale)
 
     def branch_weight(self, task: int) -> torch.Tensor:
         return self.scale * self.B[task] @ self.A[task]
@@ -146,9 +144,10 @@ class LoRAHPS(AdapterModule):
     def count_for(cls, spec: AdapterSpec, *, d_in: int, d_out: int, num_tasks: int) -> int:
         return lora_count(d_in, d_out, spec.rank)
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, ..., d_in) -> (N, ..., d_sel); the same update for every row, any batch layout."""
-        return (self.dropout(x) @ self.A.T) @ (self.B.T * self.scale)
+    def low_rank_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same update for every row, any batch layout: h (N*, r), w (d_sel, r)."""
+        xd, keep_scale = self.dropout(x)
+        return xd.reshape(-1, self.in_features) @ self.A.T, self.B * (self.scale * keep_scale)
 
     def branch_weight(self, task: int) -> torch.Tensor:
         return self.scale * self.B @ self.A

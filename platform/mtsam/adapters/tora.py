@@ -106,14 +106,15 @@ class ToRATucker(AdapterModule):
         u3 = self.U3 if tuple(tasks) == tuple(range(self.num_tasks)) else self.U3[list(tasks)]
         return torch.einsum("pqv,tv->tpq", self.G, u3 * self.scaling)
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, ..., d_in) task-major -> (N, ..., d_sel), in factored form."""
-        lead = x.shape[:-1]
-        h = self.dropout(x).reshape(-1, self.in_features) @ self.U1  # (N*, R1)
-        h = self.task_chunks(h)  # (n_active, M, R1)
-        h = torch.bmm(h, self.cores(self.active_tasks))  # (n_active, M, R2)
-        out = h.reshape(-1, self.ranks[1]) @ self.U2.T  # (N*, d_sel)
-        return out.reshape(*lead, self.adapted_out_features)
+    def low_rank_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factored branch: h = dropout(x) U1 core_t  (N*, R2), w = U2 (d_sel, R2)."""
+        xd, keep_scale = self.dropout(x)
+        h = xd.reshape(-1, self.in_features) @ self.U1  # (N*, R1): one GEMM for every task
+        cores = self.cores(self.active_tasks)  # (n_active, R1, R2)
+        if keep_scale != 1.0:
+            cores = cores * keep_scale
+        h = torch.bmm(self.task_chunks(h), cores)  # (n_active, M, R2)
+        return h.reshape(-1, self.ranks[1]), self.U2
 
     def branch_weight(self, task: int) -> torch.Tensor:
         """s * U2 core_t^T U1^T: (d_sel, d_in)."""
@@ -192,13 +193,12 @@ class ToRACP(AdapterModule):
         c = self.C if tuple(tasks) == tuple(range(self.num_tasks)) else self.C[list(tasks)]
         return c * (self.weights * self.scaling)
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, ..., d_in) task-major -> (N, ..., d_sel)."""
-        lead = x.shape[:-1]
-        h = self.task_chunks(self.dropout(x).reshape(-1, self.in_features) @ self.A)
-        h = h * self.task_scales(self.active_tasks).unsqueeze(1)  # (n_active, M, R)
-        out = h.reshape(-1, self.rank) @ self.B.T
-        return out.reshape(*lead, self.adapted_out_features)
+    def low_rank_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = dropout(x) A * (s lambda C[t])  (N*, R), w = B (d_sel, R)."""
+        xd, keep_scale = self.dropout(x)
+        h = self.task_chunks(xd.reshape(-1, self.in_features) @ self.A)  # (n_active, M, R)
+        h = h * (self.task_scales(self.active_tasks) * keep_scale).unsqueeze(1)
+        return h.reshape(-1, self.rank), self.B
 
     def branch_weight(self, task: int) -> torch.Tensor:
         return (self.B * self.task_scales([task])) @ self.A.T
