@@ -519,6 +519,8 @@ def test_registry_covers_every_method():
         ("scaling", "big"),
         ("dropout", 1.0),
         ("targets", ()),
+        ("targets", "qkv"),
+        ("qkv_parts", "qv"),
         ("targets", ("qkv", "attn")),
         ("qkv_parts", ("q", "q")),
         ("conv_experts", 0),

@@ -55,9 +55,14 @@ class AdapterSpec:
     conv_experts: int = 8
 
     def __post_init__(self) -> None:
-        # Lists from JSON / YAML become tuples so the spec stays hashable and comparable.
-        object.__setattr__(self, "targets", tuple(self.targets))
-        object.__setattr__(self, "qkv_parts", tuple(self.qkv_parts))
+        for name in ("targets", "qkv_parts"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise AdapterSpecError(
+                    f"adapter spec field {name!r}: expected a list of names, got the string {value!r}"
+                )
+            # Lists from JSON / YAML become tuples so the spec stays hashable and comparable.
+            object.__setattr__(self, name, tuple(value))
         self._validate()
 
     def _validate(self) -> None:
