@@ -143,10 +143,20 @@ def test_cp_factored_forward_equals_materialised():
     torch.testing.assert_close(a(x), ref, rtol=1e-12, atol=1e-12)
 
 
-def test_batch_not_divisible_by_active_tasks():
-    a = ToRATucker(linear64(), T, ranks=(2, 2, 2), scaling=0.5)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ToRATucker(linear64(), T, ranks=(2, 2, 2), scaling=0.5),
+        lambda: ToRACP(linear64(), T, rank=2, scaling=0.5),
+        lambda: LoRASTL(linear64(), T, rank=2, alpha=1.0),
+    ],
+)
+def test_batch_not_divisible_by_active_tasks(make):
+    a = make()
     with pytest.raises(ValueError, match="task-major"):
         a(torch.randn(4, D_IN, dtype=torch.float64))
+    with pytest.raises(ValueError, match="task-major"):  # 4 x 3 rows would split, 4 maps not
+        a(torch.randn(4, 3, D_IN, dtype=torch.float64))
     with pytest.raises(ValueError, match="out of range"):
         a.set_active_tasks([3])
 

@@ -201,15 +201,19 @@ class AdapterModule(nn.Module, ABC):
             pieces.append(y[..., start:])
         return torch.cat(pieces, dim=-1)
 
-    def task_chunks(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, ..., d) task-major -> (len(active_tasks), N / len(active_tasks) * ..., d) view."""
+    def check_task_major(self, x: torch.Tensor) -> int:
+        """The number of active tasks n, after checking x's batch (dim 0) splits into n chunks."""
         n = len(self.active_tasks)
         if x.shape[0] % n:
             raise ValueError(
                 f"batch of {x.shape[0]} is not a task-major stack of {n} active tasks "
                 f"{self.active_tasks}"
             )
-        return x.reshape(n, -1, x.shape[-1])
+        return n
+
+    def task_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ..., d) task-major -> (len(active_tasks), N / len(active_tasks) * ..., d) view."""
+        return x.reshape(self.check_task_major(x), -1, x.shape[-1])
 
     # ------------------------------------------------------------------ parameters and losses
     @abstractmethod

@@ -214,8 +214,8 @@ class ConvLoRA(AdapterModule):
         )
 
     def merge(self, task: int) -> nn.Linear:
-        self.branch_weight(task)
-        raise AssertionError("unreachable")
+        """Not possible (see :meth:`branch_weight`): raises :class:`MergeNotSupportedError`."""
+        return self.branch_weight(task)  # always raises
 
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
         yield self.A

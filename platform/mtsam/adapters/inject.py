@@ -106,7 +106,7 @@ def adapter_count_formula(
 ) -> int:
     """Closed-form adapter parameter count for a SAM ViT of this width and depth."""
     mlp_dim = int(embed_dim * mlp_ratio)
-    sel = 3 * embed_dim // 3 * len(spec.qkv_parts)
+    sel = embed_dim * len(spec.qkv_parts)  # adapted rows of the fused qkv (3 * embed_dim)
     shapes = {
         "qkv": [(embed_dim, sel)],
         "proj": [(embed_dim, embed_dim)],

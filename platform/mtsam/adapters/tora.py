@@ -108,12 +108,13 @@ class ToRATucker(AdapterModule):
 
     def low_rank_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Factored branch: h = dropout(x) U1 core_t  (N*, R2), w = U2 (d_sel, R2)."""
+        n = self.check_task_major(x)
         xd, keep_scale = self.dropout(x)
         h = xd.reshape(-1, self.in_features) @ self.U1  # (N*, R1): one GEMM for every task
         cores = self.cores(self.active_tasks)  # (n_active, R1, R2)
         if keep_scale != 1.0:
             cores = cores * keep_scale
-        h = torch.bmm(self.task_chunks(h), cores)  # (n_active, M, R2)
+        h = torch.bmm(h.view(n, -1, self.ranks[0]), cores)  # (n_active, M, R2)
         return h.reshape(-1, self.ranks[1]), self.U2
 
     def branch_weight(self, task: int) -> torch.Tensor:
@@ -195,8 +196,9 @@ class ToRACP(AdapterModule):
 
     def low_rank_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h = dropout(x) A * (s lambda C[t])  (N*, R), w = B (d_sel, R)."""
+        n = self.check_task_major(x)
         xd, keep_scale = self.dropout(x)
-        h = self.task_chunks(xd.reshape(-1, self.in_features) @ self.A)  # (n_active, M, R)
+        h = (xd.reshape(-1, self.in_features) @ self.A).view(n, -1, self.rank)  # (n_active, M, R)
         h = h * (self.task_scales(self.active_tasks) * keep_scale).unsqueeze(1)
         return h.reshape(-1, self.rank), self.B
 
