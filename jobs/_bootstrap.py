@@ -1,7 +1,8 @@
-"""Make ``mtsam`` importable when a job runs from a checkout without installing the package.
+"""Make the jobs import *this checkout's* ``mtsam``.
 
-Jobs do ``import _bootstrap`` before importing ``mtsam``: when ``import mtsam`` fails, the
-checkout's ``platform/`` folder is put at the front of ``sys.path``.
+Jobs do ``import _bootstrap`` before importing ``mtsam``. The checkout's ``platform/`` folder
+goes to the front of ``sys.path``, so a job submitted with ``ray job submit --working-dir .``
+runs the submitted code even on a node where another copy of the package is installed.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ PLATFORM_DIR = Path(__file__).resolve().parent.parent / "platform"
 
 
 def ensure_mtsam_importable() -> None:
-    try:
-        import mtsam  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(PLATFORM_DIR))
+    path = str(PLATFORM_DIR)
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 
 ensure_mtsam_importable()

@@ -26,7 +26,7 @@ DATASET_TASKS: dict[str, tuple[str, ...]] = {
     "cityscapes": ("semantic", "depth"),
     "pascal_context": ("semantic", "human_parts", "saliency", "normal"),
 }
-DEFAULT_NUM_CLASSES = {"scenes": 7, "nyuv2": 13, "cityscapes": 7, "pascal_context": 21}
+DEFAULT_NUM_CLASSES = {"scenes": 6, "nyuv2": 13, "cityscapes": 7, "pascal_context": 21}
 ADAPTER_METHODS = ("tora", "lora_stl", "lora_hps", "conv_lora", "none")
 
 
@@ -122,7 +122,7 @@ class DataConfig(_Section):
         None,
         ge=2,
         description="Semantic classes (default: the dataset's: nyuv2 13, "
-        "cityscapes 7 or 19, pascal_context 21, scenes 7).",
+        "cityscapes 7 or 19, pascal_context 21, scenes 6).",
     )
     augment: bool = Field(True, description="Random scale-crop and horizontal flip in training.")
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per trainer.")
@@ -449,7 +449,9 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
             value = raw
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
             try:
-                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf") else value
+                value = (
+                    float(value) if value.strip().lower() not in ("nan", "inf", "-inf") else value
+                )
             except ValueError:
                 pass
         out.append((key.strip(), value))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,7 +84,7 @@ def sam_to_msam_state(
         elif key == "prompt_encoder.no_mask_embed.weight":
             if value.ndim != 2 or value.shape[0] != 1:
                 raise CheckpointError(
-                    f"checkpoint {source}: {key} has shape {tuple(value.shape)}, expected (1, D)"
+                    f"{source}: {key} has shape {tuple(value.shape)}, expected (1, D)"
                 )
             out["no_mask_embed.weight"] = value.expand(total_rows, -1).clone()
         elif key.startswith("mask_decoder."):
@@ -103,35 +104,44 @@ def sam_to_msam_state(
     missing = sorted(_sam_name(k) for k in own if k not in out)
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {source} does not fit preset {preset!r}{_guess(sam_state)}: "
+            f"{source} does not fit preset {preset!r}{_guess(sam_state)}: "
             f"missing keys {_short(missing)}, unexpected keys {_short(sorted(set(unexpected)))}"
         )
     bad = [k for k, v in mapped.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
         k = bad[0]
         raise CheckpointError(
-            f"checkpoint {source} does not fit preset {preset!r}: {_sam_name(k)} has shape "
+            f"{source} does not fit preset {preset!r}: {_sam_name(k)} has shape "
             f"{tuple(mapped[k].shape)}, the preset expects {tuple(own[k].shape)} "
             f"({len(bad)} mismatched tensors{_guess(sam_state)})"
         )
     return mapped
 
 
-def load_sam_checkpoint(model: MSAM, path: str | Path) -> None:
-    """Load SAM weights from ``path`` into ``model`` in place and record the file's fingerprint."""
+def load_sam_state(
+    model: MSAM, state: Mapping[str, torch.Tensor], *, source: str, fingerprint: str
+) -> None:
+    """Load an in-memory SAM state dict into ``model`` (before adapters are injected)."""
     from mtsam.adapters.base import adapters_of
 
     if adapters_of(model):
-        raise CheckpointError(
-            f"checkpoint {path}: load the SAM base weights before injecting adapters"
-        )
-    state = read_state_dict(path)
-    mapped = sam_to_msam_state(state, model, source=str(path))
+        raise CheckpointError(f"{source}: load the SAM base weights before injecting adapters")
+    mapped = sam_to_msam_state(dict(state), model, source=source)
     with torch.no_grad():
         own = model.state_dict(keep_vars=True)
         for k, v in mapped.items():
             own[k].copy_(v.to(own[k].dtype))
-    model.base_fingerprint = file_fingerprint(path)
+    model.base_fingerprint = fingerprint
+
+
+def load_sam_checkpoint(model: MSAM, path: str | Path) -> None:
+    """Load SAM weights from ``path`` into ``model`` in place and record the file's fingerprint."""
+    load_sam_state(
+        model,
+        read_state_dict(path),
+        source=f"checkpoint {path}",
+        fingerprint=file_fingerprint(path),
+    )
 
 
 def _guess(sam_state: dict[str, torch.Tensor]) -> str:

@@ -14,7 +14,7 @@ C_t no-mask rows as dense prompts (the channels ride in the decoder batch) -> lo
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -336,6 +336,7 @@ def build_msam(
     checkpoint: str | Path | None = None,
     adapter: AdapterSpec | None = None,
     seed: int = 0,
+    base_state: tuple[Mapping[str, torch.Tensor], str] | None = None,
 ) -> MSAM:
     """Build mSAM: base weights from a SAM checkpoint (or random, said in the log), then adapters.
 
@@ -346,12 +347,18 @@ def build_msam(
         adapter: the adapter to inject into the encoder's blocks, or None (decoders, norms and
             no-mask embeddings only).
         seed: seeds the random initialisation of everything not read from the checkpoint.
+        base_state: (SAM state dict, fingerprint) already in memory, e.g. fetched once per
+            node from Ray's object store; used instead of ``checkpoint``.
     """
     p = get_preset(preset) if isinstance(preset, str) else preset
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MSAM(p, tasks)
-        if checkpoint is not None:
+        if base_state is not None:
+            from mtsam.model.checkpoint import load_sam_state
+
+            load_sam_state(model, base_state[0], source="base weights", fingerprint=base_state[1])
+        elif checkpoint is not None:
             from mtsam.model.checkpoint import load_sam_checkpoint
 
             load_sam_checkpoint(model, checkpoint)

@@ -1,0 +1,67 @@
+"""One fine-tuning run of mSAM on Ray Train.
+
+    python jobs/train.py --config configs/default.yaml [--set train.epochs=2 ...]
+    python jobs/train.py --resume outputs/ray_results/train-default    # continue a stopped run
+
+Connects to a running Ray cluster (RAY_ADDRESS, or automatically inside `ray job submit`),
+else starts a local one. Prints the final per-task metrics and where the checkpoint is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import _bootstrap  # noqa: F401  (puts this checkout's platform/ on sys.path)
+from mtsam.cli import add_config_args, fail, load_cli_config, metrics_table
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_config_args(ap)
+    ap.add_argument("--name", help="run name (default: train-<config name>)")
+    ap.add_argument("--resume", metavar="RUN_PATH", help="continue the run stored at RUN_PATH")
+    args = ap.parse_args(argv)
+
+    from mtsam.train import runner
+
+    try:
+        if args.resume:
+            run_path = Path(args.resume).resolve()
+            cfg = load_cli_config(runner.resume_config_path(run_path), args.set)
+            name, storage = run_path.name, str(run_path.parent)
+        else:
+            cfg = load_cli_config(args.config, args.set)
+            name, storage = args.name or f"train-{cfg.name}", runner.storage_path(cfg)
+        runner.prepare_data(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        return fail(e)
+
+    runner.init_ray()
+    tracking = None
+    if cfg.tracking.enabled:
+        from mtsam.tracking.setup import tracking_for_run
+
+        try:
+            tracking = tracking_for_run(cfg, run_name=name)
+        except ValueError as e:
+            return fail(e)
+    base = runner.put_base_weights(cfg.model.checkpoint)
+    trainer = runner.make_trainer(cfg, name=name, storage=storage, base=base, tracking=tracking)
+    runner.save_run_config(Path(storage) / name, cfg)
+    t0 = time.time()
+    metric = "val/delta_m" if cfg.data.baseline else None
+    out = runner.outcome_of(trainer.fit(), metric=metric, mode="max")
+    if out.error:
+        print(f"error: {out.error}; last good checkpoint: {out.checkpoint}", file=sys.stderr)
+        return 1
+    print(metrics_table({name: out.metrics}))
+    print(f"finished in {time.time() - t0:.0f} s; run folder {out.path}")
+    print(f"best checkpoint {out.checkpoint} (adapter in its adapter/ folder)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Helpers shared by the thin scripts in ``jobs/``: config arguments, errors, tables."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mtsam.config import ExperimentConfig, load_config
+
+
+def add_config_args(ap: argparse.ArgumentParser, *, default: str | None = None) -> None:
+    ap.add_argument(
+        "--config",
+        default=default,
+        help=f"experiment YAML (default: {default or 'built-in defaults'})",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+
+
+def load_cli_config(path: str | None, overrides: Sequence[str]) -> ExperimentConfig:
+    return load_config(path, overrides)
+
+
+def fail(error: BaseException, code: int = 2) -> int:
+    """Print a one-line error to stderr and return the exit code."""
+    msg = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if not msg.startswith(("error:", "config error:")):
+        msg = f"error: {msg}"
+    print(msg, file=sys.stderr)
+    return code
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def metrics_table(
+    rows: Mapping[str, Mapping[str, Any]],
+    *,
+    columns: Sequence[str] | None = None,
+    best: str | None = None,
+) -> str:
+    """A plain-text table, one row per run; ``best`` marks one row with '*'."""
+    if columns is None:
+        keys: list[str] = []
+        for r in rows.values():
+            keys += [k for k in r if k.startswith("val/") and k not in keys]
+        columns = keys
+    header = ["", "run", *columns]
+    body = [
+        ["*" if name == best else "", name, *(_fmt(r.get(c, "")) for c in columns)]
+        for name, r in rows.items()
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
+    lines = [
+        "  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True))
+        for line in [header, *body]
+    ]
+    return "\n".join(lines)

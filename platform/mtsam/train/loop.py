@@ -1,0 +1,496 @@
+"""The per-worker training loop (Ray Train's ``train_loop_per_worker``, or a bare process).
+
+One epoch: sharded batches -> stacked T-task forward -> weighted per-task losses + the
+adapter's extra loss -> backward into the trainable set (DDP all-reduces gradients) ->
+clip, step, schedule. Then the whole validation split is evaluated with exact metric
+accumulation across workers, rank 0 writes a checkpoint, and every rank reports.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mtsam.adapters import AdapterSpec, extra_losses
+from mtsam.adapters.io import save_adapter
+from mtsam.config import ExperimentConfig
+from mtsam.model.msam import MSAM, build_msam
+from mtsam.tasks import build_tasks, task_metric_directions
+from mtsam.train.context import WorkerContext, scratch_dir
+from mtsam.train.data import eval_loader, open_split, scenes_root, train_loader
+from mtsam.train.evaluate import autocast_for, evaluate, flat_metrics
+from mtsam.train.schedule import build_scheduler
+from mtsam.train.state import load_train_state, save_train_state, set_rng_state
+
+# Fault injection for tests: "<step>:<task>" makes that task's loss NaN at that global step.
+FAULT_NAN_ENV = "MTSAM_FAULT_NAN_STEP"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient became NaN/inf; the message names the task and the step."""
+
+
+class LoopObserver(Protocol):
+    """Rank 0's hooks (experiment tracking). Every method must be cheap and never raise."""
+
+    def on_start(self, model: MSAM, param_counts: Mapping[str, tuple[int, int]]) -> None: ...
+
+    def on_epoch(
+        self,
+        epoch: int,
+        metrics: Mapping[str, float],
+        *,
+        pictures: Mapping[str, Any] | None,
+        adapter_dir: Path | None,
+    ) -> None: ...
+
+    def on_end(self, status: str, message: str = "") -> None: ...
+
+
+@dataclass
+class BaseWeights:
+    """SAM base weights already read (e.g. from Ray's object store), with their fingerprint."""
+
+    state: Mapping[str, torch.Tensor]
+    fingerprint: str
+
+
+def adapter_spec_of(cfg: ExperimentConfig) -> AdapterSpec | None:
+    a = cfg.adapter
+    if a.method == "none":
+        return None
+    return AdapterSpec(**a.model_dump(exclude={"orth_weight"}))
+
+
+def build_model(cfg: ExperimentConfig, *, tasks: Sequence[Any], base: BaseWeights | None) -> MSAM:
+    """mSAM for a config: base weights from ``base``, else the checkpoint path, else random."""
+    channels = [(t.name, t.channels) for t in tasks]
+    model = build_msam(
+        cfg.model.preset,
+        channels,
+        checkpoint=None if base is not None else cfg.model.checkpoint,
+        base_state=None if base is None else (base.state, base.fingerprint),
+        adapter=adapter_spec_of(cfg),
+        seed=cfg.seed,
+    )
+    if cfg.model.attention == "sdpa":
+        from mtsam.model.attention import use_sdpa_attention
+
+        use_sdpa_attention(model.image_encoder)
+    return model
+
+
+def data_root(cfg: ExperimentConfig) -> Path:
+    d = cfg.data
+    if d.dataset != "scenes":
+        return Path(d.root or "")
+    cache = Path(d.root) if d.root else Path(cfg.output_dir) / "cache" / "scenes"
+    s = d.scenes
+    return scenes_root(
+        cache, num_train=s.num_train, num_val=s.num_val, height=s.height, width=s.width, seed=s.seed
+    )
+
+
+@dataclass
+class EpochStats:
+    losses: dict[str, float] = field(default_factory=dict)
+    step_time_s: float = 0.0
+    images_per_s: float = 0.0
+    steps: int = 0
+
+
+def _fault_step() -> tuple[int, str] | None:
+    raw = os.environ.get(FAULT_NAN_ENV)
+    if not raw:
+        return None
+    step, _, task = raw.partition(":")
+    return int(step), task
+
+
+def fit(
+    cfg: ExperimentConfig,
+    ctx: WorkerContext,
+    *,
+    base: BaseWeights | None = None,
+    observer: LoopObserver | None = None,
+    log=print,
+) -> dict[str, float]:
+    """Train ``cfg`` on this worker; returns the last reported metrics (all ranks)."""
+    torch.manual_seed(cfg.seed)
+    device = ctx.device
+    t_cfg = cfg.train
+    tasks = build_tasks(cfg.data.tasks, num_classes=cfg.data.classes)
+    directions = task_metric_directions(tasks)
+    weights = cfg.weights()
+
+    model = build_model(cfg, tasks=tasks, base=base)
+    if cfg.model.base_dtype == "bfloat16":
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    model.activation_checkpointing = t_cfg.activation_checkpointing
+    model.to(device)
+    params = [p for _, p in model.trainable_named_parameters()]
+    net: nn.Module = model
+    if ctx.world_size > 1:
+        # Some trainable tensors get no gradient in a step (unused mask-token MLPs, experts
+        # the Conv-LoRA gate did not pick): DDP must look for them.
+        net = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+
+    root = data_root(cfg)
+    common = {
+        "fmt": cfg.data.format,
+        "tasks": cfg.data.tasks,
+        "num_classes": cfg.data.classes,
+        "seed": cfg.seed,
+    }
+    train_ds = open_split(cfg.data.dataset, root, "train", augment=cfg.data.augment, **common)
+    val_ds = open_split(cfg.data.dataset, root, "val", augment=False, **common)
+    loader, sampler = train_loader(
+        train_ds,
+        batch_size=t_cfg.batch_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=cfg.seed,
+        workers=cfg.data.loader_workers,
+    )
+    val_loader = eval_loader(
+        val_ds,
+        batch_size=t_cfg.batch_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        workers=cfg.data.loader_workers,
+    )
+    micro_per_epoch = len(loader)
+    steps_per_epoch = micro_per_epoch // t_cfg.grad_accum
+    if t_cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, t_cfg.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"train.batch_size={t_cfg.batch_size} x grad_accum={t_cfg.grad_accum} x "
+            f"{ctx.world_size} workers exceeds the {len(train_ds)} training samples"
+        )
+
+    opt_cls = torch.optim.AdamW if t_cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(
+        params,
+        lr=t_cfg.lr,
+        weight_decay=t_cfg.weight_decay,
+        fused=device.type == "cuda" or None,
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        total_steps=steps_per_epoch * t_cfg.epochs,
+        warmup_frac=t_cfg.warmup_frac,
+        kind=t_cfg.schedule,
+    )
+
+    start_epoch, step = 0, 0
+    with ctx.resume_from() as ckpt_dir:
+        if ckpt_dir is not None:
+            state = load_train_state(ckpt_dir)
+            model.load_trainable_state_dict(state["trainable"], source=str(ckpt_dir))
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, step = state["epoch"] + 1, state["step"]
+            set_rng_state(state["rng"])
+            if ctx.is_main:
+                log(f"resumed from {ckpt_dir} after epoch {state['epoch'] + 1}")
+
+    if ctx.is_main:
+        counts = model.parameter_counts()
+        log(
+            f"mSAM {cfg.model.preset} + {cfg.adapter.method}: "
+            f"{counts['all'][0]:,} trainable of {counts['all'][1]:,} parameters; "
+            f"{len(train_ds)} train / {len(val_ds)} val samples; {ctx.world_size} worker(s) "
+            f"on {device}"
+        )
+        if observer is not None:
+            observer.on_start(model, counts)
+
+    fault = _fault_step()
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, t_cfg.epochs):
+        sampler.set_epoch(epoch)
+        if hasattr(train_ds, "set_epoch"):
+            train_ds.set_epoch(epoch)
+        net.train()
+        stats, step, failure = _train_epoch(
+            net,
+            model,
+            loader,
+            tasks,
+            weights,
+            optimizer,
+            scheduler,
+            cfg=cfg,
+            ctx=ctx,
+            epoch=epoch,
+            step=step,
+            steps_per_epoch=steps_per_epoch,
+            fault=fault,
+            log=log,
+        )
+        if failure:
+            if ctx.is_main:
+                log(f"error: {failure}")
+                if observer is not None:
+                    observer.on_end("FAILED", failure)
+            ctx.report({"epoch": epoch + 1, "error": failure}, None)
+            raise NonFiniteLossError(failure)
+
+        results = evaluate(
+            model,
+            val_loader,
+            tasks,
+            device=device,
+            precision=t_cfg.precision,
+            stacked=t_cfg.stacked,
+        )
+        metrics = flat_metrics(results, cfg.data.baseline or None, directions)
+        for k, v in stats.losses.items():  # train/loss/<task>, train/loss/total, train/orth_reg
+            metrics[f"train/{k}" if k in ("orth_reg", "balance") else f"train/loss/{k}"] = v
+        metrics.update(
+            {
+                "train/step_time_s": stats.step_time_s,
+                "train/images_per_s": stats.images_per_s,
+                "train/lr": scheduler.get_last_lr()[0],
+                "epoch": epoch + 1,
+            }
+        )
+        _report_epoch(
+            cfg, ctx, model, optimizer, scheduler, epoch, step, metrics, val_ds, tasks, observer
+        )
+        if ctx.is_main:
+            log(_epoch_line(epoch, t_cfg.epochs, metrics))
+    if ctx.is_main and observer is not None:
+        observer.on_end("FINISHED")
+    return metrics
+
+
+def _train_epoch(
+    net,
+    model,
+    loader,
+    tasks,
+    weights,
+    optimizer,
+    scheduler,
+    *,
+    cfg,
+    ctx,
+    epoch,
+    step,
+    steps_per_epoch,
+    fault,
+    log,
+) -> tuple[EpochStats, int, str | None]:
+    t_cfg = cfg.train
+    device = ctx.device
+    sums = {t.name: 0.0 for t in tasks} | {"total": 0.0, "orth_reg": 0.0, "balance": 0.0}
+    n_steps, images, busy = 0, 0, 0.0
+    it = iter(loader)
+    for s in range(steps_per_epoch):
+        t0 = time.perf_counter()
+        local_bad: list[str] = []
+        for micro in range(t_cfg.grad_accum):
+            batch = next(it)
+            x = batch["image"].to(device, non_blocking=True)
+            last = micro == t_cfg.grad_accum - 1
+            sync = net.no_sync() if (ctx.world_size > 1 and not last) else _null()
+            with sync:
+                with autocast_for(device, t_cfg.precision):
+                    out = net(x, stacked=t_cfg.stacked)
+                    extra = extra_losses(model, orth_weight=cfg.adapter.orth_weight)
+                per_task = {
+                    t.name: t.loss(out[t.name].float(), batch[t.name].to(device)) for t in tasks
+                }
+                if fault is not None and fault[0] == step and fault[1] in per_task:
+                    per_task[fault[1]] = per_task[fault[1]] * float("nan")
+                total = sum(weights[n] * v for n, v in per_task.items()) + extra["total"]
+                (total / t_cfg.grad_accum).backward()
+            for n, v in per_task.items():
+                if not math.isfinite(v.item()):
+                    local_bad.append(n)
+                sums[n] += v.item() / t_cfg.grad_accum
+            sums["total"] += total.item() / t_cfg.grad_accum
+            sums["orth_reg"] += extra["orth_reg"].detach().item() / t_cfg.grad_accum
+            sums["balance"] += extra["balance"].detach().item() / t_cfg.grad_accum
+            images += x.shape[0]
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = (
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.grad is not None], t_cfg.grad_clip
+            )
+            if t_cfg.grad_clip
+            else torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        )
+        failure = _agree_on_failure(tasks, local_bad, norm, ctx, step)
+        if failure:
+            optimizer.zero_grad(set_to_none=True)
+            return EpochStats(), step, failure
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        n_steps += 1
+        dt = time.perf_counter() - t0
+        if s > 0 or steps_per_epoch == 1:  # the first step pays warm-up costs
+            busy += dt
+        if ctx.is_main and t_cfg.log_every and (s + 1) % t_cfg.log_every == 0:
+            log(
+                f"  epoch {epoch + 1} step {s + 1}/{steps_per_epoch} "
+                f"loss {sums['total'] / n_steps:.4f} {dt:.3f} s/step "
+                f"{x.shape[0] * t_cfg.grad_accum * ctx.world_size / dt:.1f} img/s"
+            )
+    timed = max(1, n_steps - 1) if steps_per_epoch > 1 else 1
+    step_time = busy / timed
+    per_step_images = images / max(1, n_steps) * ctx.world_size
+    losses = _mean_across_workers({k: v / max(1, n_steps) for k, v in sums.items()}, ctx)
+    return (
+        EpochStats(
+            losses=losses,
+            step_time_s=step_time,
+            images_per_s=per_step_images / step_time if step_time > 0 else 0.0,
+            steps=n_steps,
+        ),
+        step,
+        None,
+    )
+
+
+def _agree_on_failure(tasks, local_bad, norm, ctx, step) -> str | None:
+    """All ranks decide together whether this step failed (else some would hang in a collective)."""
+    flags = torch.tensor(
+        [1.0 if t.name in local_bad else 0.0 for t in tasks]
+        + [0.0 if math.isfinite(float(norm)) else 1.0]
+    )
+    if ctx.world_size > 1 and dist.is_initialized():
+        flags = flags.to(ctx.device) if dist.get_backend() == "nccl" else flags
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = flags.cpu()
+    bad = [t.name for t, f in zip(tasks, flags[:-1].tolist(), strict=True) if f > 0]
+    if bad:
+        return f"non-finite loss for task {bad[0]!r} at step {step} (tasks {bad})"
+    if flags[-1] > 0:
+        return f"non-finite gradient norm at step {step} (losses were finite)"
+    return None
+
+
+def _mean_across_workers(values: dict[str, float], ctx: WorkerContext) -> dict[str, float]:
+    if ctx.world_size == 1 or not dist.is_initialized():
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.to(ctx.device)
+    dist.all_reduce(t)
+    return {k: float(v) / ctx.world_size for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def _report_epoch(
+    cfg, ctx, model, optimizer, scheduler, epoch, step, metrics, val_ds, tasks, observer
+) -> None:
+    if not ctx.is_main:
+        ctx.report(metrics, None)
+        return
+    with scratch_dir() as d:
+        save_train_state(
+            d,
+            trainable=model.trainable_state_dict(),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            epoch=epoch,
+            step=step,
+            config=cfg.to_dict(),
+        )
+        save_adapter(model, d / "adapter", overwrite=True)
+        if observer is not None:
+            last = epoch + 1 == cfg.train.epochs
+            pictures = None
+            if cfg.train.vis_samples and ((epoch + 1) % cfg.train.vis_every == 0 or last):
+                pictures = draw_predictions(
+                    model,
+                    val_ds,
+                    tasks,
+                    count=cfg.train.vis_samples,
+                    device=ctx.device,
+                    stacked=cfg.train.stacked,
+                )
+            observer.on_epoch(epoch + 1, metrics, pictures=pictures, adapter_dir=d / "adapter")
+        ctx.report(metrics, d)
+
+
+@torch.no_grad()
+def draw_predictions(model, dataset, tasks, *, count, device, stacked=True) -> dict[str, Any]:
+    """{"sample<i>": {"image": (3,H,W) float, task: (pred_rgb, target_rgb)}} for the first
+    ``count`` validation samples (a fixed set, the same every epoch)."""
+    was = model.training
+    model.eval()
+    out: dict[str, Any] = {}
+    for i in range(min(count, len(dataset))):
+        sample = dataset[i]
+        pred = model(sample["image"].unsqueeze(0).to(device), stacked=stacked)
+        entry: dict[str, Any] = {"image": sample["image"]}
+        for t in tasks:
+            entry[t.name] = t.visualize(pred[t.name][0].float().cpu(), sample[t.name])
+        out[f"sample{int(sample.get('index', i))}"] = entry
+    model.train(was)
+    return out
+
+
+def _epoch_line(epoch: int, epochs: int, m: Mapping[str, float]) -> str:
+    val = " ".join(
+        f"{k.removeprefix('val/')} {v:.4g}" for k, v in m.items() if k.startswith("val/")
+    )
+    return (
+        f"[epoch {epoch + 1}/{epochs}] loss {m.get('train/loss/total', float('nan')):.4f} | "
+        f"{val} | {m['train/step_time_s']:.3f} s/step {m['train/images_per_s']:.1f} img/s"
+    )
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``loop_config``: {"config": ExperimentConfig dict, "base": ...}."""
+    from mtsam.train.context import ray_context
+
+    torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
+    cfg = ExperimentConfig.model_validate(loop_config["config"])
+    ctx = ray_context()
+    base = None
+    if loop_config.get("base_ref") is not None:
+        import ray
+
+        state = ray.get(loop_config["base_ref"])
+        base = BaseWeights(state, loop_config["base_fingerprint"])
+    observer = None
+    if ctx.is_main and loop_config.get("tracking") is not None:
+        from mtsam.tracking.observer import make_observer
+
+        observer = make_observer(loop_config["tracking"], cfg)
+    try:
+        fit(cfg, ctx, base=base, observer=observer)
+    except NonFiniteLossError:
+        # Already reported as the metric "error": retrying from the last checkpoint would
+        # hit the same NaN, so end the run normally and let the driver raise.
+        return

@@ -1,0 +1,187 @@
+"""Driver side of a training run: Ray start-up, base weights in the object store, TorchTrainer."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtsam.config import ExperimentConfig
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../platform/mtsam
+
+
+def ray_runtime_env() -> dict[str, Any]:
+    """Ship this copy of ``mtsam`` to every trial driver and worker (not an installed one)."""
+    return {
+        "py_modules": [str(PACKAGE_DIR)],
+        "env_vars": {
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PYTHONUNBUFFERED": "1",
+            "RAY_TRAIN_V2_ENABLED": "1",
+        }
+        | {k: os.environ[k] for k in ("MTSAM_FAULT_NAN_STEP",) if k in os.environ},
+    }
+
+
+def init_ray(*, num_cpus: int | None = None, log=print) -> str:
+    """Connect to a running cluster (RAY_ADDRESS, or "auto" inside a submitted job), else start
+    a local one on 127.0.0.1 with the dashboard on. Returns what it did, for the log."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return "already connected"
+    address = os.environ.get("RAY_ADDRESS")
+    in_job = "RAY_JOB_ID" in os.environ or os.environ.get("RAY_JOB_SUBMISSION_ID")
+    if address or in_job:
+        ray.init(address=address or "auto", runtime_env=ray_runtime_env(), log_to_driver=True)
+        what = f"connected to the Ray cluster at {address or 'auto'}"
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            runtime_env=ray_runtime_env(),
+        )
+        what = "started a local Ray (dashboard on 127.0.0.1)"
+    log(what)
+    return what
+
+
+def put_base_weights(checkpoint: str | None) -> tuple[Any, str] | None:
+    """Read a SAM checkpoint once and put it into Ray's object store.
+
+    Workers ``ray.get`` the reference: the tensors cross to each node once and are shared by
+    every worker and trial there, instead of every trial reading the file again.
+    """
+    if checkpoint is None:
+        return None
+    import ray
+
+    from mtsam.model.checkpoint import file_fingerprint, read_state_dict
+
+    state = read_state_dict(checkpoint)
+    return ray.put(state), file_fingerprint(checkpoint)
+
+
+def storage_path(cfg: ExperimentConfig) -> str:
+    s = cfg.scaling.storage_path
+    if s and "://" in s:
+        return s
+    return str(Path(s or Path(cfg.output_dir) / "ray_results").resolve())
+
+
+def prepare_data(cfg: ExperimentConfig) -> Path:
+    """Generate the scenes (once, atomically) before any worker starts; check other roots."""
+    from mtsam.train.loop import data_root
+
+    root = data_root(cfg)
+    if cfg.data.dataset != "scenes" and not root.exists():
+        raise FileNotFoundError(f"data.root {root}: no such folder")
+    return root
+
+
+@dataclass
+class TrainOutcome:
+    metrics: dict[str, Any]
+    path: str
+    checkpoint: str | None
+    error: str | None
+
+
+def make_trainer(
+    cfg: ExperimentConfig,
+    *,
+    name: str,
+    storage: str,
+    base: tuple[Any, str] | None = None,
+    tracking: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+):
+    """A ``TorchTrainer`` running :func:`mtsam.train.loop.train_loop_per_worker` for ``cfg``."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mtsam.tasks import metric_mode
+
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    metric = "val/delta_m" if cfg.data.baseline else None
+    checkpoint_config = ray.train.CheckpointConfig(num_to_keep=2)
+    if metric:
+        checkpoint_config = ray.train.CheckpointConfig(
+            num_to_keep=2,
+            checkpoint_score_attribute=metric,
+            checkpoint_score_order=metric_mode(metric, cfg.data.tasks),
+        )
+    loop_config = {
+        "config": cfg.to_dict(),
+        "threads": max(1, int(sc.cpus_per_worker)),
+        "base_ref": base[0] if base else None,
+        "base_fingerprint": base[1] if base else None,
+        "tracking": tracking,
+    }
+    return TorchTrainer(
+        _entry,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
+            checkpoint_config=checkpoint_config,
+            callbacks=callbacks or None,
+        ),
+    )
+
+
+def _entry(loop_config: dict[str, Any]) -> None:
+    from mtsam.train.loop import train_loop_per_worker
+
+    train_loop_per_worker(loop_config)
+
+
+def outcome_of(result: Any, *, metric: str | None = None, mode: str = "max") -> TrainOutcome:
+    """Plain values from a Ray Train ``Result``; the best checkpoint by ``metric`` if given."""
+    metrics = dict(result.metrics or {})
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    ranked = [
+        (m[metric], c.path)
+        for c, m in (getattr(result, "best_checkpoints", None) or [])
+        if metric and isinstance(m.get(metric), (int, float))
+    ]
+    if ranked:
+        ckpt = (max if mode == "max" else min)(ranked)[1]
+    return TrainOutcome(
+        metrics=metrics, path=str(result.path), checkpoint=ckpt, error=metrics.get("error")
+    )
+
+
+RUN_CONFIG_FILE = "mtsam_config.yaml"
+
+
+def save_run_config(run_path: Path, cfg: ExperimentConfig) -> None:
+    """Keep the resolved config beside the run, so ``--resume`` needs only the run path."""
+    import yaml
+
+    run_path.mkdir(parents=True, exist_ok=True)
+    tmp = run_path / (RUN_CONFIG_FILE + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, run_path / RUN_CONFIG_FILE)
+
+
+def resume_config_path(run_path: Path) -> str:
+    path = run_path / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--resume {run_path}: no {RUN_CONFIG_FILE} there (not a run folder of jobs/train.py?)"
+        )
+    return str(path)
