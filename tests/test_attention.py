@@ -1,0 +1,166 @@
+"""SDPA encoder attention equals segment-anything's own ``Attention`` (values and gradients)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from segment_anything.modeling.image_encoder import Attention, Block
+
+from mtsam.adapters.base import adapters_of
+from mtsam.adapters.spec import AdapterSpec
+from mtsam.model.attention import SdpaAttention, use_sdpa_attention
+from mtsam.model.msam import build_image_encoder, build_msam
+from mtsam.model.presets import get_preset
+
+# Tolerance relative to the largest reference entry (float32 round-off of a softmax grows with
+# the size of the values, the order of summation differs between the two implementations).
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def assert_near(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(
+        actual, expected, atol=tol * scale, rtol=0, msg=lambda m: f"{what}: {m}" if what else m
+    )
+
+
+def _randomise(module: torch.nn.Module, seed: int, scale: float = 0.2) -> None:
+    """Random values for every parameter: SAM zero-initialises the rel-pos tables."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def _grads(module, x, params, weight):
+    """Gradients of sum(out * weight) w.r.t. the input and ``params`` (names on ``module``)."""
+    x = x.detach().clone().requires_grad_(True)
+    tensors = [module.get_parameter(n) for n in params]
+    out = module(x)
+    grads = torch.autograd.grad((out * weight).sum(), [x, *tensors])
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "use_rel_pos,input_size,grid",
+    [
+        (True, (5, 7), (5, 7)),  # tables of length 2*size - 1, non-square grid
+        (True, (6, 6), (4, 5)),  # other length: get_rel_pos interpolates the tables
+        (False, None, (4, 6)),
+    ],
+    ids=["relpos", "relpos-interp", "no-relpos"],
+)
+def test_attention_matches_segment_anything(dtype, use_rel_pos, input_size, grid):
+    torch.manual_seed(0)
+    ref = Attention(24, num_heads=3, use_rel_pos=use_rel_pos, input_size=input_size).to(dtype)
+    _randomise(ref, seed=1)
+    fast = SdpaAttention.from_attention(copy.deepcopy(ref))
+    x = torch.randn(2, *grid, 24, dtype=dtype)
+    weight = torch.randn(2, *grid, 24, dtype=dtype)
+    names = ["qkv.weight", "proj.weight"] + (["rel_pos_h", "rel_pos_w"] if use_rel_pos else [])
+    out_ref, g_ref = _grads(ref, x, names, weight)
+    out_fast, g_fast = _grads(fast, x, names, weight)
+    assert out_fast.shape == out_ref.shape == x.shape
+    assert_near(out_fast, out_ref, TOL[dtype], "output")
+    for name, a, b in zip(["input", *names], g_fast, g_ref, strict=True):
+        assert b.abs().max() > 0, name  # the reference gradient is not trivially zero
+        assert_near(a, b, TOL[dtype], f"grad {name}")
+
+
+@pytest.mark.parametrize("window_size", [0, 3], ids=["global", "windowed"])
+def test_block_matches_segment_anything(window_size):
+    """A whole segment-anything Block, windowed (with padding: 7 = 3 + 3 + 1) and global."""
+    torch.manual_seed(0)
+    size = (window_size, window_size) if window_size else (7, 7)
+    ref = Block(32, 4, use_rel_pos=True, window_size=window_size, input_size=size)
+    _randomise(ref, seed=2)
+    fast = copy.deepcopy(ref)
+    fast.attn = SdpaAttention.from_attention(fast.attn)
+    x = torch.randn(2, 7, 7, 32)
+    weight = torch.randn(2, 7, 7, 32)
+    names = ["attn.rel_pos_h", "attn.rel_pos_w", "attn.qkv.weight"]
+    out_ref, g_ref = _grads(ref, x, names, weight)
+    out_fast, g_fast = _grads(fast, x, names, weight)
+    assert_near(out_fast, out_ref, TOL[torch.float32], "output")
+    for name, a, b in zip(["input", *names], g_fast, g_ref, strict=True):
+        assert b.abs().max() > 0, name
+        assert_near(a, b, TOL[torch.float32], f"grad {name}")
+
+
+def test_tiny_encoder_equal_and_state_dict_unchanged():
+    torch.manual_seed(0)
+    ref = build_image_encoder(get_preset("tiny"))
+    _randomise(ref, seed=3, scale=0.1)
+    fast = copy.deepcopy(ref)
+    before = fast.state_dict()
+    flags = [p.requires_grad for p in fast.parameters()]
+    use_sdpa_attention(fast)
+    after = fast.state_dict()
+    assert list(after) == list(before)  # same keys, same order
+    assert all(after[k].data_ptr() == before[k].data_ptr() for k in before)  # same tensors
+    assert [p.requires_grad for p in fast.parameters()] == flags
+    assert all(type(b.attn) is SdpaAttention for b in fast.blocks)
+    use_sdpa_attention(fast)  # idempotent
+    assert list(fast.state_dict()) == list(before)
+    # The segment-anything module loads into the swapped one with strict key matching.
+    fast.load_state_dict(ref.state_dict(), strict=True)
+
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert_near(fast(x), ref(x), TOL[torch.float32], "encoder output")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        AdapterSpec(method="tora", r1=4, r2=4, r3=2, dropout=0.0),
+        AdapterSpec(method="conv_lora", rank=2, conv_experts=2, dropout=0.0),
+    ],
+    ids=["tora", "conv_lora"],
+)
+def test_adapter_wrapped_qkv(spec):
+    """Adapters keep wrapping qkv (Conv-LoRA needs the (B, H, W, C) grid) and give equal results."""
+    torch.manual_seed(0)
+    ref = build_msam("tiny", [("semantic", 7), ("depth", 1)], adapter=spec, seed=0)
+    # Adapters start as a zero update: make them non-zero so the test can see them.
+    with torch.no_grad():
+        for a in adapters_of(ref):
+            for p in a.adapter_parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+    ref.eval()  # Conv-LoRA's gate noise is training-only
+    fast = copy.deepcopy(ref)
+    qkvs = [b.attn.qkv for b in fast.image_encoder.blocks]
+    keys = list(fast.state_dict())
+    use_sdpa_attention(fast.image_encoder)
+    assert [b.attn.qkv for b in fast.image_encoder.blocks] == qkvs  # same adapter objects
+    assert list(fast.state_dict()) == keys
+    assert len(adapters_of(fast)) == len(adapters_of(ref)) == 4
+
+    x = torch.randn(1, 3, 128, 128)
+    emb_ref = ref.embed_tasks(x, stacked=True)
+    emb_fast = fast.embed_tasks(x, stacked=True)
+    loss_ref = sum((e * (i + 1)).square().mean() for i, e in enumerate(emb_ref.values()))
+    loss_fast = sum((e * (i + 1)).square().mean() for i, e in enumerate(emb_fast.values()))
+    for t in emb_ref:
+        assert_near(emb_fast[t], emb_ref[t], TOL[torch.float32], f"embedding {t}")
+    if spec.method == "tora":  # task-specific: the two tasks' embeddings differ
+        assert not torch.equal(emb_ref["semantic"], emb_ref["depth"])
+    p_ref = [p for a in adapters_of(ref) for p in a.adapter_parameters()]
+    p_fast = [p for a in adapters_of(fast) for p in a.adapter_parameters()]
+    g_ref = torch.autograd.grad(loss_ref, p_ref, allow_unused=True)
+    g_fast = torch.autograd.grad(loss_fast, p_fast, allow_unused=True)
+    for a, b in zip(g_fast, g_ref, strict=True):
+        if b is None:
+            assert a is None
+            continue
+        assert_near(a, b, TOL[torch.float32], "adapter grad")
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(TypeError, match="Attention"):
+        SdpaAttention.from_attention(torch.nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="ImageEncoderViT"):
+        use_sdpa_attention(torch.nn.Linear(4, 4))
