@@ -1,0 +1,60 @@
+"""A hyperparameter sweep of mSAM fine-tuning on Ray Tune: the platform's main job.
+
+    python jobs/tune.py                                   # embedded default (configs/default.yaml)
+    python jobs/tune.py --config configs/sweeps/X.yaml --set tune.num_samples=8
+    python jobs/tune.py --resume outputs/ray_results/sweep-default-20261123-120000
+    ray job submit --working-dir . -- python jobs/tune.py --config configs/X.yaml
+
+Each trial is a Ray Train run with a config sampled from the `tune.space` section. At the end
+it prints one row per trial (sampled values, per-task metrics, delta_m) with the best marked,
+where the best adapter is, and where the MLflow runs are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import _bootstrap  # noqa: F401  (puts this checkout's platform/ on sys.path)
+from mtsam.cli import add_config_args, fail, load_cli_config
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_config_args(ap, default=DEFAULT_CONFIG)
+    ap.add_argument("--name", help="sweep name (default: sweep-<config name>-<time>)")
+    ap.add_argument("--resume", metavar="SWEEP_PATH", help="continue an interrupted sweep")
+    args = ap.parse_args(argv)
+
+    from mtsam.train import runner
+    from mtsam.tune import sweep
+
+    try:
+        if args.resume:
+            path = Path(args.resume).resolve()
+            cfg = load_cli_config(runner.resume_config_path(path), args.set)
+            name, storage = path.name, str(path.parent)
+        else:
+            cfg = load_cli_config(args.config, args.set)
+            name = args.name or f"sweep-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            storage = runner.storage_path(cfg)
+        plan = sweep.plan(cfg)
+        runner.prepare_data(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        return fail(e)
+
+    runner.init_ray()
+    try:
+        report = sweep.run(cfg, plan, name=name, storage=storage, resume=bool(args.resume))
+    except sweep.SweepError as e:
+        return fail(e, code=1)
+    print(report.text)
+    return 0 if report.best is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Run a sweep end to end: plan (validated before Ray starts), Tuner, summary, tracking."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtsam.cli import metrics_table
+from mtsam.config import ExperimentConfig
+from mtsam.tune.driver import SweepContext, TrialRow, best_row, summarise, trial_driver
+from mtsam.tune.space import make_scheduler, make_searcher, tune_space
+
+
+class SweepError(RuntimeError):
+    """The sweep could not produce a result (every trial failed or was rejected)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    metric: str
+    mode: str
+
+
+def plan(cfg: ExperimentConfig) -> Plan:
+    """Check what only a sweep needs, before anything starts; one-line errors name the key."""
+    from mtsam.tasks import build_tasks, metric_mode
+
+    metric = cfg.tune.metric
+    tasks = build_tasks(cfg.data.tasks, num_classes=cfg.data.classes)
+    if metric == "val/delta_m":
+        missing = [t for t in cfg.data.tasks if t not in cfg.data.baseline]
+        if missing:
+            raise ValueError(
+                f"config error: tune.metric = 'val/delta_m' needs data.baseline for every task; "
+                f"missing {missing}"
+            )
+    else:
+        task, name = metric.split("/")[1:]
+        known = next(t for t in tasks if t.name == task).directions
+        if name not in known:
+            raise ValueError(
+                f"config error: tune.metric = {metric!r}: task {task!r} has metrics {sorted(known)}"
+            )
+    mode = metric_mode(metric, tasks) if cfg.tune.mode == "auto" else cfg.tune.mode
+    return Plan(metric=metric, mode=mode)
+
+
+@dataclass
+class SweepReport:
+    rows: list[TrialRow]
+    best: TrialRow | None
+    path: str
+    text: str
+    tracking: dict[str, Any] | None
+
+
+def run(
+    cfg: ExperimentConfig, plan: Plan, *, name: str, storage: str, resume: bool = False
+) -> SweepReport:
+    import ray.tune
+
+    from mtsam.train import runner
+
+    exp_path = Path(storage) / name if "://" not in storage else None
+    if exp_path is not None and not resume:
+        runner.save_run_config(exp_path, cfg)
+
+    tracking = None
+    if cfg.tracking.enabled:
+        from mtsam.tracking.setup import start_sweep_tracking
+
+        tracking = start_sweep_tracking(cfg, sweep_name=name, sweep_path=str(exp_path or storage))
+
+    base = runner.put_base_weights(cfg.model.checkpoint)
+    ctx = SweepContext(
+        base_config=cfg.to_dict(),
+        storage=storage,
+        metric=plan.metric,
+        mode=plan.mode,
+        base_ref=base[0] if base else None,
+        base_fingerprint=base[1] if base else None,
+        tracking=tracking,
+    )
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(trial_driver, ctx=ctx), {"cpu": cfg.tune.driver_cpus}
+    )
+    if resume:
+        if not ray.tune.Tuner.can_restore(str(exp_path or storage)):
+            raise SweepError(f"--resume {exp_path}: no restorable Tune experiment there")
+        tuner = ray.tune.Tuner.restore(
+            str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        t = cfg.tune
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=tune_space(t.space),
+            tune_config=ray.tune.TuneConfig(
+                metric=plan.metric,
+                mode=plan.mode,
+                num_samples=t.num_samples,
+                search_alg=make_searcher(
+                    t.searcher, metric=plan.metric, mode=plan.mode, seed=cfg.seed
+                ),
+                scheduler=make_scheduler(
+                    t.scheduler,
+                    max_epochs=cfg.train.epochs,
+                    grace_period=t.asha.grace_period,
+                    reduction_factor=t.asha.reduction_factor,
+                ),
+                max_concurrent_trials=t.max_concurrent_trials,
+            ),
+            run_config=ray.tune.RunConfig(name=name, storage_path=storage),
+        )
+    results = tuner.fit()
+    rows = summarise(results, metric=plan.metric, mode=plan.mode)
+    best = best_row(rows, metric=plan.metric, mode=plan.mode)
+    text = render(rows, best, plan=plan, path=str(results.experiment_path))
+    if tracking is not None:
+        from mtsam.tracking.setup import finish_sweep_tracking
+
+        text += "\n" + finish_sweep_tracking(
+            cfg, tracking, rows=rows, best=best, metric=plan.metric
+        )
+    if best is None:
+        raise SweepError(f"no trial finished with a finite {plan.metric}:\n{text}")
+    return SweepReport(rows, best, str(results.experiment_path), text, tracking)
+
+
+def render(rows: list[TrialRow], best: TrialRow | None, *, plan: Plan, path: str) -> str:
+    sampled = sorted({k for r in rows for k in r.sample})
+    metric_cols = sorted({k for r in rows for k in r.metrics if k.startswith("val/")})
+    if plan.metric in metric_cols:  # the optimised metric last, where the eye lands
+        metric_cols.remove(plan.metric)
+        metric_cols.append(plan.metric)
+    table_rows = {}
+    for r in rows:
+        values: dict[str, Any] = {k: _short(r.sample.get(k, "")) for k in sampled}
+        values |= {k: r.metrics.get(k, float("nan")) for k in metric_cols}
+        values |= {"params": r.trainable_params or "", "epochs": r.epochs, "status": r.status}
+        table_rows[r.trial_id] = values
+    lines = [
+        f"Sweep {path}: {len(rows)} trials, optimising {plan.metric} ({plan.mode})",
+        metrics_table(
+            table_rows,
+            columns=[*sampled, *metric_cols, "params", "epochs", "status"],
+            best=best.trial_id if best else None,
+        ),
+    ]
+    if best is not None:
+        lines.append(
+            f"* best trial {best.trial_id}: {plan.metric} = {best.metrics[plan.metric]:.4g}"
+        )
+        if best.best_checkpoint:
+            lines.append(f"  best adapter: {Path(best.best_checkpoint) / 'adapter'}")
+    return "\n".join(lines)
+
+
+def _short(v: Any) -> Any:
+    if isinstance(v, float) and v != 0 and math.isfinite(v) and (abs(v) < 1e-2 or abs(v) >= 1e4):
+        return f"{v:.2e}"
+    return v
