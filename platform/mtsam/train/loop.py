@@ -222,6 +222,7 @@ def fit(
             observer.on_start(model, counts)
 
     fault = _fault_step()
+    n_trainable = sum(p.numel() for p in params)
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, t_cfg.epochs):
         sampler.set_epoch(epoch)
@@ -268,6 +269,7 @@ def fit(
                 "train/step_time_s": stats.step_time_s,
                 "train/images_per_s": stats.images_per_s,
                 "train/lr": scheduler.get_last_lr()[0],
+                "trainable_params": n_trainable,
                 "epoch": epoch + 1,
             }
         )
