@@ -1,0 +1,127 @@
+"""Adapters in the MLflow model registry: register a run's adapter, load any adapter back.
+
+A registered version's source is ``runs:/<run_id>/<artifact_path>`` (checked with MLflow 3.17
+on SQLite with local artifacts and on a server with proxied artifacts; ``mlflow.register_model``
+on a plain artifact folder fails in 3.x, so the version is created directly).
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from mlflow.exceptions import MlflowException
+
+from mtsam.adapters.io import META_FILE, AdapterNotFoundError, build_from_adapter
+from mtsam.tracking.client import make_client, one_line
+from mtsam.tracking.uri import TrackingError, http_limits
+
+if TYPE_CHECKING:
+    from mtsam.model.msam import MSAM
+
+_URI_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/")
+
+
+def register_adapter(
+    tracking_uri: str,
+    *,
+    run_id: str,
+    name: str,
+    artifact_path: str = "adapter",
+    alias: str | None = None,
+    request_timeout_s: float = 30.0,
+) -> str:
+    """Register ``runs:/<run_id>/<artifact_path>`` as a version of model ``name`` (created if
+    missing) and return the version number as text. Registering the same run and path again
+    returns the existing version instead of adding one (a resumed sweep registers once).
+    ``alias`` (e.g. ``best``) is pointed at the version. Raises :class:`TrackingError`."""
+    source = f"runs:/{run_id}/{artifact_path.strip('/')}"
+    try:
+        with http_limits(request_timeout_s):
+            client = make_client(tracking_uri)
+            client.get_run(run_id)  # a clear error for a wrong run id, before creating anything
+            try:
+                client.create_registered_model(name)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            found = [
+                v
+                for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+                if v.source == source
+            ]
+            if found:
+                version = str(min(int(v.version) for v in found))
+            else:
+                mv = client.create_model_version(name, source=source, run_id=run_id)
+                version = str(mv.version)
+            if alias:
+                client.set_registered_model_alias(name, alias, version)
+    except MlflowException as e:
+        raise TrackingError(
+            f"MLflow {tracking_uri}: cannot register {source} as {name!r}: {one_line(e)}"
+        ) from None
+    return version
+
+
+def _adapter_folder(root: Path, uri: str) -> Path:
+    if (root / META_FILE).is_file():
+        return root
+    found = sorted(p.parent for p in root.rglob(META_FILE))
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)}"
+        raise AdapterNotFoundError(f"{uri}: {what} {META_FILE} in the downloaded artifacts")
+    return found[0]
+
+
+def load_adapter(
+    uri_or_path: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    seed: int | None = None,
+    allow_other_base: bool = False,
+    tracking_uri: str | None = None,
+) -> MSAM:
+    """A ready mSAM from a saved adapter: a local folder, ``runs:/<run_id>/adapter``,
+    ``models:/<name>/<version>``, ``models:/<name>@<alias>`` or any MLflow artifact URI.
+
+    The adapter folder (``adapter.safetensors`` + ``adapter.json``) is downloaded to a temporary
+    folder (``tracking_uri``: default ``$MLFLOW_TRACKING_URI``), then
+    :func:`mtsam.adapters.io.build_from_adapter` rebuilds the model on the base ``checkpoint``
+    (None: the random base the adapter was trained on, re-created from the seed in its
+    fingerprint, or ``seed``).
+    """
+    text = str(uri_or_path)
+    if text.startswith("file:"):
+        text = urlparse(text).path
+    if not _URI_RE.match(text):
+        local = Path(text)
+        if not local.is_dir():
+            raise AdapterNotFoundError(f"{local}: no such adapter directory")
+        return build_from_adapter(
+            local, checkpoint=checkpoint, seed=seed, allow_other_base=allow_other_base
+        )
+
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory(prefix="mtsam-adapter-") as tmp:
+        try:
+            got = mlflow.artifacts.download_artifacts(
+                artifact_uri=text, dst_path=tmp, tracking_uri=tracking_uri
+            )
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise AdapterNotFoundError(f"{text}: not found ({one_line(e)})") from None
+            raise TrackingError(f"{text}: cannot download ({one_line(e)})") from None
+        except OSError as e:
+            raise AdapterNotFoundError(f"{text}: cannot download ({one_line(e)})") from None
+        folder = _adapter_folder(Path(got), text)
+        return build_from_adapter(
+            folder, checkpoint=checkpoint, seed=seed, allow_other_base=allow_other_base
+        )
+
+
+__all__ = ["load_adapter", "register_adapter"]

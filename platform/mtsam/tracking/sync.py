@@ -1,0 +1,63 @@
+"""Upload spools left by runs whose tracking back end was unreachable (``jobs/sync_mlflow.py``).
+
+Delivered operations are removed from the spool as they go, so running the sync again sends
+nothing twice (a spool fully delivered is deleted); metrics are sent with the step and
+timestamp recorded at the time of the call.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtsam.tracking.delivery import Deliverer, DeliveryReport, RunTarget
+from mtsam.tracking.spool import Spool, find_spools
+from mtsam.tracking.tracker import LOCK_FILE
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    spool_path: Path
+    report: DeliveryReport | None  # None: skipped (see note)
+    note: str = ""
+
+
+def sync_spool(
+    root: str | Path, *, tracking_uri: str | None = None, request_timeout_s: float = 30.0
+) -> list[SyncResult]:
+    """Deliver every spool under ``root`` (a spool folder, a spool file or a tree of run
+    folders) to the back end named in it, or to ``tracking_uri``. A spool whose tracker is
+    still running (its folder is locked) is skipped. Raises FileNotFoundError for a missing
+    ``root`` and :class:`~mtsam.tracking.spool.SpoolError` for a malformed spool."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such spool folder or file")
+    results = []
+    for spool in find_spools(root):
+        fd = os.open(spool.directory / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                results.append(SyncResult(spool.path, None, "skipped: a tracker is writing it"))
+                continue
+            results.append(
+                SyncResult(spool.path, _sync_one(spool, tracking_uri, request_timeout_s))
+            )
+        finally:
+            os.close(fd)
+    return results
+
+
+def _sync_one(spool: Spool, tracking_uri: str | None, timeout_s: float) -> DeliveryReport:
+    header, ops = spool.load()
+    target = RunTarget.from_header(header, tracking_uri=tracking_uri)
+    d = Deliverer(target, spool, request_timeout_s=timeout_s, reopen=False)
+    d.adopt(ops)
+    d.pump(force=True)
+    return d.report()
+
+
+__all__ = ["SyncResult", "sync_spool"]
