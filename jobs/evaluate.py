@@ -1,0 +1,180 @@
+"""Evaluate a trained mSAM on one split and print its per-task metrics.
+
+    python jobs/evaluate.py --checkpoint outputs/ray_results/train-default/checkpoint_000002
+    python jobs/evaluate.py --adapter path/to/adapter [--base-checkpoint sam_vit_l_0b3195.pth]
+    python jobs/evaluate.py --adapter models:/mtsam-best/1 --config configs/default.yaml
+
+--checkpoint takes a training checkpoint folder (train_state.pt + adapter/): the config stored
+in it gives the model and the data (--config replaces the data section, --set overrides any
+key). --adapter takes a saved adapter folder or an MLflow URI (models:/..., runs:/...): the
+adapter describes the model; the data come from --config (default configs/default.yaml).
+A random base (no --base-checkpoint, no checkpoint in the config) is rebuilt from the seed the
+adapter recorded, so it is the same random base the adapter was trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import _bootstrap  # noqa: F401  (puts this checkout's platform/ on sys.path)
+from mtsam.cli import add_config_args, fail, metrics_table
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
+URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+def _checkpoint_config(ckpt: Path, config: str | None, overrides: list[str], base: str | None):
+    """The run's stored config; ``--config`` replaces its data section, ``--set`` wins last."""
+    from mtsam.config import build_config, load_config
+    from mtsam.train.state import load_train_state
+
+    state = load_train_state(ckpt)
+    stored = dict(state["config"])
+    if not stored:
+        raise ValueError(f"checkpoint {ckpt}: train_state.pt holds no config")
+    if config is not None:
+        stored["data"] = load_config(config).to_dict()["data"]
+    extra = [f"model.checkpoint={base}"] if base else []
+    cfg = build_config(stored, [*overrides, *extra])
+    return cfg, state
+
+
+def _model_from_checkpoint(cfg, state, ckpt: Path, tasks):
+    from mtsam.train.loop import build_model
+
+    model = build_model(cfg, tasks=tasks, base=None)
+    model.load_trainable_state_dict(state["trainable"], source=str(ckpt / "train_state.pt"))
+    return model
+
+
+def _model_from_adapter(adapter: str, *, base: str | None, cfg):
+    if adapter.startswith(URI_PREFIXES) or "://" in adapter:
+        model = _load_uri(adapter, base, cfg)
+    else:
+        from mtsam.adapters.io import build_from_adapter
+
+        path = Path(adapter)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--adapter {adapter}: no such folder")
+        model = build_from_adapter(path, checkpoint=base, seed=None)
+    if cfg.model.attention == "sdpa":
+        from mtsam.model.attention import use_sdpa_attention
+
+        use_sdpa_attention(model.image_encoder)
+    return model
+
+
+def _load_uri(uri: str, base: str | None, cfg):
+    """Download through MLflow at the config's tracking URI (tracking.uri, $MLFLOW_TRACKING_URI,
+    else <output_dir>/mlflow.db); a missing SQLite store is an error, not a new empty one."""
+    try:
+        from mtsam.tracking.registry import load_adapter
+        from mtsam.tracking.uri import TrackingError, resolve_tracking_uri, sqlite_path
+    except ImportError:
+        raise ValueError(
+            f"--adapter {uri}: loading from MLflow needs mtsam.tracking.registry, which this "
+            "checkout lacks; pass a local adapter folder instead"
+        ) from None
+    tracking_uri = resolve_tracking_uri(cfg.tracking.uri, cfg.output_dir)
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.is_file():
+        raise FileNotFoundError(
+            f"--adapter {uri}: no MLflow store at {db} (set tracking.uri or $MLFLOW_TRACKING_URI)"
+        )
+    try:
+        return load_adapter(uri, checkpoint=base, tracking_uri=tracking_uri)
+    except TrackingError as e:  # MLflow unreachable or refused: still a one-line error
+        raise ValueError(str(e)) from None
+
+
+def _check_tasks(model, tasks, where: str) -> None:
+    """The model's heads must be exactly the data's tasks, channel for channel."""
+    have = dict(model.task_channels)
+    want = {t.name: t.channels for t in tasks}
+    if have != want:
+        raise ValueError(
+            f"{where}: the model predicts {have} but the data config asks for {want} "
+            "(set data.tasks / data.num_classes to match)"
+        )
+
+
+def evaluate_split(cfg, model, tasks, *, split: str) -> dict[str, float]:
+    """Flat metrics ("val/<task>/<metric>", "val/delta_m") of ``model`` on ``split``."""
+    import torch
+
+    from mtsam.tasks import task_metric_directions
+    from mtsam.train.data import eval_loader, open_split
+    from mtsam.train.evaluate import evaluate, flat_metrics
+    from mtsam.train.loop import data_root
+
+    root = data_root(cfg)
+    if cfg.data.dataset != "scenes" and not root.exists():
+        raise FileNotFoundError(f"data.root {root}: no such folder")
+    ds = open_split(
+        cfg.data.dataset,
+        root,
+        split,
+        fmt=cfg.data.format,
+        tasks=cfg.data.tasks,
+        num_classes=cfg.data.classes,
+        augment=False,
+        seed=cfg.seed,
+    )
+    loader = eval_loader(
+        ds, batch_size=cfg.train.batch_size, rank=0, world_size=1, workers=cfg.data.loader_workers
+    )
+    results = evaluate(
+        model, loader, tasks, device=torch.device("cpu"), precision="fp32", stacked=True
+    )
+    return flat_metrics(results, cfg.data.baseline or None, task_metric_directions(tasks))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", metavar="DIR", help="training checkpoint folder")
+    which.add_argument("--adapter", metavar="DIR_OR_URI", help="adapter folder or MLflow URI")
+    add_config_args(ap)
+    ap.add_argument("--split", choices=("val", "train"), default="val", help="split (val)")
+    ap.add_argument("--base-checkpoint", metavar="SAM_PTH", help="SAM base weights (.pth)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from mtsam.tasks import build_tasks
+
+    torch.set_grad_enabled(False)
+    try:
+        if args.base_checkpoint and not Path(args.base_checkpoint).is_file():
+            raise FileNotFoundError(f"--base-checkpoint {args.base_checkpoint}: no such file")
+        if args.checkpoint:
+            ckpt = Path(args.checkpoint)
+            if not ckpt.is_dir():
+                raise FileNotFoundError(f"--checkpoint {ckpt}: no such folder")
+            cfg, state = _checkpoint_config(ckpt, args.config, args.set, args.base_checkpoint)
+            tasks = build_tasks(cfg.data.tasks, num_classes=cfg.data.classes)
+            model = _model_from_checkpoint(cfg, state, ckpt, tasks)
+            name = f"{ckpt.name} (epoch {state['epoch'] + 1})"
+        else:
+            from mtsam.cli import load_cli_config
+
+            cfg = load_cli_config(args.config or DEFAULT_CONFIG, args.set)
+            tasks = build_tasks(cfg.data.tasks, num_classes=cfg.data.classes)
+            base = args.base_checkpoint or cfg.model.checkpoint
+            model = _model_from_adapter(args.adapter, base=base, cfg=cfg)
+            name = Path(args.adapter).name if "/" in args.adapter else args.adapter
+        _check_tasks(model, tasks, args.checkpoint or args.adapter)
+        metrics: dict[str, Any] = evaluate_split(cfg, model, tasks, split=args.split)
+    except (ValueError, FileNotFoundError) as e:
+        return fail(e)
+    if args.split != "val":
+        metrics = {k.replace("val/", f"{args.split}/", 1): v for k, v in metrics.items()}
+    print(metrics_table({name: metrics}, columns=list(metrics)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
