@@ -473,7 +473,12 @@ def build_config(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> Expe
         if field is not None:
             section, name = field.split(".")
             sub = key[len(field) + 1 :]
-            d = set_path(d, field, {**dict(d.get(section, {}).get(name) or {}), sub: value})
+            current = dict((d.get(section) or {}).get(name) or {})
+            if field == "tune.space":  # a space key is itself a dotted config key
+                current[sub] = value
+            else:
+                current = set_path(current, sub, value)
+            d = set_path(d, field, current)
             continue
         if key not in known and not any(k.startswith(key + ".") for k in known):
             raise ConfigError(f"config error: --set {key}: no such config key")

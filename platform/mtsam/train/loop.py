@@ -216,7 +216,7 @@ def fit(
             f"mSAM {cfg.model.preset} + {cfg.adapter.method}: "
             f"{counts['all'][0]:,} trainable of {counts['all'][1]:,} parameters; "
             f"{len(train_ds)} train / {len(val_ds)} val samples; {ctx.world_size} worker(s) "
-            f"on {device}"
+            f"on {device}; mtsam from {Path(__file__).resolve().parents[1]}"
         )
         if observer is not None:
             observer.on_start(model, counts)

@@ -1,0 +1,147 @@
+"""Search-space parsing, sample application and the parameter budget (no Ray cluster needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ray import tune
+
+from mtsam.config import build_config
+from mtsam.model.msam import build_msam
+from mtsam.tasks import build_tasks
+from mtsam.train.loop import adapter_spec_of
+from mtsam.tune.driver import apply_sample, count_trainable
+from mtsam.tune.space import make_scheduler, make_searcher, overrides_of, tune_space
+from mtsam.tune.sweep import plan
+
+SPACE = [
+    "tune.space.adapter.r1={type: choice, values: [4, 8]}",
+    "tune.space.adapter.method={type: grid, values: [tora, lora_hps]}",
+    "tune.space.train.lr={type: loguniform, low: 1.0e-4, high: 1.0e-2}",
+    "tune.space.adapter.dropout={type: uniform, low: 0.0, high: 0.3}",
+    "tune.space.adapter.rank={type: randint, low: 2, high: 6}",
+    "tune.space.adapter.orth_weight={type: loguniform, low: 1.0e-3, high: 1.0, include_zero: true}",
+]
+
+
+def test_each_distribution_maps_to_its_tune_domain():
+    space = tune_space(build_config({}, SPACE).tune.space)
+    assert isinstance(space["adapter.r1"], tune.search.sample.Categorical)
+    assert space["adapter.r1"].categories == [4, 8]
+    assert space["adapter.method"] == {"grid_search": ["tora", "lora_hps"]}
+    lr = space["train.lr"]
+    assert isinstance(lr, tune.search.sample.Float) and (lr.lower, lr.upper) == (1e-4, 1e-2)
+    assert isinstance(lr.get_sampler(), tune.search.sample.LogUniform)
+    assert isinstance(space["adapter.dropout"].get_sampler(), tune.search.sample.Uniform)
+    assert isinstance(space["adapter.rank"], tune.search.sample.Integer)
+    assert (space["adapter.rank"].lower, space["adapter.rank"].upper) == (2, 6)
+    assert space["adapter.orth_weight@zero"].categories == [False, True]
+
+
+def test_samples_stay_in_range():
+    space = tune_space(build_config({}, SPACE).tune.space)
+    rng = np.random.default_rng(0)
+    lrs = [space["train.lr"].sample(random_state=rng) for _ in range(200)]
+    assert min(lrs) >= 1e-4 and max(lrs) <= 1e-2
+    # log-uniform: about half the samples below the geometric mean 1e-3
+    assert 0.35 < np.mean(np.array(lrs) < 1e-3) < 0.65
+    ranks = {space["adapter.rank"].sample(random_state=rng) for _ in range(200)}
+    assert ranks == {2, 3, 4, 5}  # randint excludes high
+
+
+def test_include_zero_companion_sets_exactly_zero():
+    sample = {"adapter.orth_weight": np.float64(0.3), "adapter.orth_weight@zero": True}
+    assert overrides_of(sample) == {"adapter.orth_weight": 0.0}
+    sample["adapter.orth_weight@zero"] = False
+    got = overrides_of(sample)
+    assert got == {"adapter.orth_weight": 0.3} and type(got["adapter.orth_weight"]) is float
+
+
+def test_apply_sample_validates():
+    base = build_config({}).to_dict()
+    cfg = apply_sample(base, {"adapter.r1": 4, "train.lr": 0.01})
+    assert cfg.adapter.r1 == 4 and cfg.train.lr == 0.01
+    with pytest.raises(ValueError, match="r1"):
+        apply_sample(base, {"adapter.r1": 0})
+
+
+def test_searchers_and_schedulers():
+    assert make_searcher("random", metric="m", mode="max", seed=0) is None
+    from ray.tune.search.optuna import OptunaSearch
+
+    assert isinstance(make_searcher("optuna", metric="m", mode="max", seed=0), OptunaSearch)
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    asha = make_scheduler("asha", max_epochs=4, grace_period=1, reduction_factor=2)
+    assert isinstance(asha, ASHAScheduler)
+    assert isinstance(
+        make_scheduler("fifo", max_epochs=4, grace_period=1, reduction_factor=2), FIFOScheduler
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["adapter.method=tora", "adapter.r1=4", "adapter.r2=6", "adapter.r3=2"],
+        ["adapter.method=lora_stl", "adapter.rank=3"],
+        ["adapter.method=conv_lora", "adapter.rank=2", "adapter.conv_experts=3"],
+        ["adapter.method=none"],
+    ],
+)
+def test_meta_count_equals_built_model(overrides):
+    cfg = build_config({}, overrides)
+    tasks = build_tasks(cfg.data.tasks, num_classes=cfg.data.classes)
+    real = build_msam("tiny", [(t.name, t.channels) for t in tasks], adapter=adapter_spec_of(cfg))
+    assert count_trainable(cfg) == sum(p.numel() for p in real.parameters() if p.requires_grad)
+
+
+def test_plan_checks_metric_and_baseline():
+    assert (
+        plan(
+            build_config(
+                {},
+                [
+                    "data.baseline.semantic.miou=0.1",
+                    "data.baseline.depth.abs_err=1",
+                    "data.baseline.normal.mean_deg=40",
+                ],
+            )
+        ).mode
+        == "max"
+    )
+    with pytest.raises(
+        ValueError, match=r"needs data\.baseline for every task; missing \['semantic'"
+    ):
+        plan(build_config({}))
+    assert plan(build_config({}, ["tune.metric=val/depth/abs_err"])).mode == "min"
+    with pytest.raises(ValueError, match=r"task 'depth' has metrics"):
+        plan(build_config({}, ["tune.metric=val/depth/miou"]))
+
+
+def test_bad_space_fails_before_anything_runs(tmp_path):
+    """Through the real CLI: exit 2 with one line naming the key; no Ray, no output folder."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "jobs/tune.py"),
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "tune.space.adapter.r9={type: choice, values: [1]}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("config error: ") and "default.yaml" in last
+    assert "tune.space.adapter.r9: no such config key" in last
+    assert not out.exists()
