@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         from mtsam.tracking.setup import tracking_for_run
 
         try:
-            tracking = tracking_for_run(cfg, run_name=name)
+            tracking = tracking_for_run(cfg, run_name=name, storage=storage)
         except ValueError as e:
             return fail(e)
     base = runner.put_base_weights(cfg.model.checkpoint)

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     runner.init_ray()
     try:
         report = sweep.run(cfg, plan, name=name, storage=storage, resume=bool(args.resume))
+    except ValueError as e:  # bad tracking URI and other start-up checks: nothing ran
+        return fail(e)
     except sweep.SweepError as e:
         return fail(e, code=1)
     print(report.text)

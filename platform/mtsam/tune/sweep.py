@@ -70,8 +70,19 @@ def run(
     tracking = None
     if cfg.tracking.enabled:
         from mtsam.tracking.setup import start_sweep_tracking
+        from mtsam.tracking.uri import TrackingError
 
-        tracking = start_sweep_tracking(cfg, sweep_name=name, sweep_path=str(exp_path or storage))
+        try:
+            tracking = start_sweep_tracking(
+                cfg,
+                sweep_name=name,
+                sweep_path=str(exp_path or storage),
+                storage=storage,
+                metric=plan.metric,
+                mode=plan.mode,
+            )
+        except TrackingError as e:
+            raise ValueError(f"tracking.uri: {e}") from None
 
     base = runner.put_base_weights(cfg.model.checkpoint)
     ctx = SweepContext(
@@ -122,7 +133,12 @@ def run(
         from mtsam.tracking.setup import finish_sweep_tracking
 
         text += "\n" + finish_sweep_tracking(
-            cfg, tracking, rows=rows, best=best, metric=plan.metric
+            cfg,
+            tracking,
+            rows=rows,
+            best=best,
+            metric=plan.metric,
+            out_dir=str(results.experiment_path),
         )
     if best is None:
         raise SweepError(f"no trial finished with a finite {plan.metric}:\n{text}")

@@ -1,0 +1,147 @@
+"""Driver-side wiring of tracking for the jobs: URI check, the sweep's parent run, its summary.
+
+The jobs call these; the trials receive a plain dict (``info``) that
+:func:`mtsam.tracking.observer.make_observer` turns into rank 0's tracker.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from mtsam.config import ExperimentConfig
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _info(cfg: ExperimentConfig, *, spool_root: str) -> dict[str, Any]:
+    from mtsam.tracking.uri import check_tracking_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.tracking.uri, cfg.output_dir)
+    try:
+        check_tracking_uri(uri, timeout_s=min(10.0, cfg.tracking.request_timeout_s))
+    except Exception as e:
+        raise ValueError(f"tracking.uri: {e}") from None
+    return {
+        "uri": uri,
+        "experiment": cfg.tracking.experiment or cfg.name,
+        "request_timeout_s": cfg.tracking.request_timeout_s,
+        "spool_root": spool_root,
+        "git_commit": git_commit(),
+        "parent_run_id": None,
+        "metric": cfg.tune.metric
+        if cfg.data.baseline or cfg.tune.metric != "val/delta_m"
+        else None,
+        "mode": None,
+    }
+
+
+def tracking_for_run(cfg: ExperimentConfig, *, run_name: str, storage: str) -> dict[str, Any]:
+    """A plain ``jobs/train.py`` run: a top-level MLflow run named ``run_name``."""
+    info = _info(cfg, spool_root=storage)
+    info["run_name"] = run_name
+    if info["metric"]:
+        from mtsam.tasks import metric_mode
+
+        info["mode"] = metric_mode(info["metric"], cfg.data.tasks)
+    return info
+
+
+def start_sweep_tracking(
+    cfg: ExperimentConfig, *, sweep_name: str, sweep_path: str, storage: str, metric: str, mode: str
+) -> dict[str, Any]:
+    """Open (or, on resume, reopen) the sweep's parent run; trials nest under it."""
+    from mtsam.tracking.sweep import SWEEP_PATH_TAG, start_sweep_run
+
+    info = _info(cfg, spool_root=storage)
+    info.update(metric=metric, mode=mode)
+    info["parent_run_id"] = start_sweep_run(
+        info["uri"],
+        info["experiment"],
+        run_name=sweep_name,
+        params=cfg.flat(),
+        tags={
+            SWEEP_PATH_TAG: sweep_path,
+            "mtsam.kind": "sweep",
+            "git_commit": info["git_commit"],
+            "dataset": cfg.data.dataset,
+            "base_preset": cfg.model.preset,
+        },
+        request_timeout_s=cfg.tracking.request_timeout_s,
+    )
+    return info
+
+
+def finish_sweep_tracking(
+    cfg: ExperimentConfig,
+    info: dict[str, Any],
+    *,
+    rows: list[Any],
+    best: Any,
+    metric: str,
+    out_dir: str,
+) -> str:
+    """Best metrics, the trials table and plot on the parent run; register the best adapter."""
+    from mtsam.tracking.client import find_run
+    from mtsam.tracking.registry import register_adapter
+    from mtsam.tracking.sweep import finish_sweep
+
+    summary = [
+        {
+            "trial_id": r.trial_id,
+            "status": r.status,
+            "epochs": r.epochs,
+            "trainable_params": r.trainable_params,
+        }
+        | {f"param/{k}": v for k, v in r.sample.items()}
+        | {k: v for k, v in r.metrics.items() if k.startswith(("val/", "train/"))}
+        for r in rows
+    ]
+    best_metrics = (
+        {k: v for k, v in best.metrics.items() if k.startswith("val/")} if best is not None else {}
+    )
+    report = finish_sweep(
+        info["uri"],
+        info["parent_run_id"],
+        best_metrics=best_metrics,
+        summary_rows=summary,
+        out_dir=out_dir,
+        status="FINISHED" if best is not None else "FAILED",
+        request_timeout_s=cfg.tracking.request_timeout_s,
+    )
+    lines = [
+        f"MLflow: experiment {info['experiment']!r}, sweep run {info['parent_run_id']} "
+        f"at {info['uri']}"
+    ]
+    if not report.complete:
+        lines.append(f"  not delivered yet: {report.summary()} (upload later: jobs/sync_mlflow.py)")
+    if best is not None and cfg.tracking.register_as:
+        run_id = find_run(
+            info["uri"],
+            info["experiment"],
+            run_name=best.trial_id,
+            parent_run_id=info["parent_run_id"],
+        )
+        if run_id is None:
+            lines.append(f"  could not register: no MLflow run for trial {best.trial_id}")
+        else:
+            version = register_adapter(info["uri"], run_id=run_id, name=cfg.tracking.register_as)
+            lines.append(
+                f"  registered the best adapter as models:/{cfg.tracking.register_as}/{version}"
+            )
+    if info["uri"].startswith("sqlite:"):
+        lines.append(
+            f"  open the dashboard: mlflow ui --backend-store-uri {info['uri']} --host 127.0.0.1"
+        )
+    return "\n".join(lines)
