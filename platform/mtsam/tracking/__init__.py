@@ -17,9 +17,11 @@ import os
 from typing import Any
 
 # Set before MLflow is imported anywhere through this package: no telemetry (the platform
-# never reaches the internet at run time) and no progress bars in worker logs.
+# never reaches the internet at run time) and no progress bars or links in worker logs.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Otherwise every run ended on a server prints two "View run" lines (and costs a request).
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 _EXPORTS = {
     "TrackingError": "uri",

@@ -28,7 +28,7 @@ def prediction_panel(
     """One (rows*H + (rows-1)*GAP, 3*W + 2*GAP, 3) uint8 picture.
 
     Args:
-        image: (3, H, W) float image in [0, 1] (values outside are clipped).
+        image: (3, H, W) float image in [0, 1] (values outside are clipped; NaN -> 0).
         preds: {task: (prediction RGB, target RGB)}, each (H, W, 3) uint8, e.g. from
             ``TaskSpec.visualize``; one row per task, in the mapping's order: input | target |
             prediction.
@@ -39,7 +39,8 @@ def prediction_panel(
     if not preds:
         raise ValueError("prediction_panel: no task to draw")
     h, w = img.shape[1:]
-    rgb = np.round(np.clip(np.nan_to_num(img.transpose(1, 2, 0)), 0.0, 1.0) * 255).astype(np.uint8)
+    unit = np.clip(np.nan_to_num(img.astype(np.float64).transpose(1, 2, 0)), 0.0, 1.0)
+    rgb = np.floor(unit * 255.0 + 0.5).astype(np.uint8)  # round half up
     rows = len(preds)
     out = np.full((rows * h + (rows - 1) * GAP, 3 * w + 2 * GAP, 3), 255, dtype=np.uint8)
     for i, (task, (pred, target)) in enumerate(preds.items()):

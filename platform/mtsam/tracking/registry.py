@@ -77,6 +77,26 @@ def _adapter_folder(root: Path, uri: str) -> Path:
     return found[0]
 
 
+_MODEL_RE = re.compile(r"^models:/([^/@]+)(?:/([^/@]+)|@([^/@]+))/?$")
+
+
+def _model_source(text: str, tracking_uri: str) -> str:
+    """``models:/<name>/<version|latest>`` or ``models:/<name>@<alias>`` -> the version's source."""
+    m = _MODEL_RE.match(text)
+    if m is None:
+        raise ValueError(f"{text}: expected models:/<name>/<version> or models:/<name>@<alias>")
+    name, version, alias = m.groups()
+    client = make_client(tracking_uri)
+    if alias is not None:
+        return client.get_model_version_by_alias(name, alias).source
+    if version == "latest":
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise AdapterNotFoundError(f"{text}: model {name!r} has no versions")
+        return max(versions, key=lambda v: int(v.version)).source
+    return client.get_model_version(name, version).source
+
+
 def load_adapter(
     uri_or_path: str | Path,
     *,
@@ -86,7 +106,8 @@ def load_adapter(
     tracking_uri: str | None = None,
 ) -> MSAM:
     """A ready mSAM from a saved adapter: a local folder, ``runs:/<run_id>/adapter``,
-    ``models:/<name>/<version>``, ``models:/<name>@<alias>`` or any MLflow artifact URI.
+    ``models:/<name>/<version>`` (or ``/latest``), ``models:/<name>@<alias>`` or any MLflow
+    artifact URI.
 
     The adapter folder (``adapter.safetensors`` + ``adapter.json``) is downloaded to a temporary
     folder (``tracking_uri``: default ``$MLFLOW_TRACKING_URI``), then
@@ -105,12 +126,17 @@ def load_adapter(
             local, checkpoint=checkpoint, seed=seed, allow_other_base=allow_other_base
         )
 
+    import mlflow
     import mlflow.artifacts
 
+    uri = tracking_uri or mlflow.get_tracking_uri()
     with tempfile.TemporaryDirectory(prefix="mtsam-adapter-") as tmp:
         try:
+            # models:/ URIs are resolved here: MLflow's download would look the model up in the
+            # process-wide registry URI, not in ``tracking_uri``.
+            source = _model_source(text, uri) if text.startswith("models:") else text
             got = mlflow.artifacts.download_artifacts(
-                artifact_uri=text, dst_path=tmp, tracking_uri=tracking_uri
+                artifact_uri=source, dst_path=tmp, tracking_uri=uri
             )
         except MlflowException as e:
             if e.error_code == "RESOURCE_DOES_NOT_EXIST":

@@ -1,0 +1,560 @@
+"""Tracking against real MLflow: SQLite without a server, and `mlflow server` subprocesses on
+127.0.0.1 (always killed in fixture finalizers). Expected values are what the test itself
+logged, read back through MLflow's own client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+import mtsam
+from mtsam.adapters.io import save_adapter
+from mtsam.adapters.spec import AdapterSpec
+from mtsam.model.msam import build_msam
+from mtsam.tracking.client import MAX_PARAM_LENGTH, PARENT_TAG, count_params, flatten_params
+from mtsam.tracking.panel import GAP, prediction_panel
+from mtsam.tracking.registry import load_adapter, register_adapter
+from mtsam.tracking.spool import SPOOL_FILE
+from mtsam.tracking.sweep import SWEEP_PATH_TAG, finish_sweep, start_sweep_run
+from mtsam.tracking.sync import sync_spool
+from mtsam.tracking.tracker import RunTracker
+from mtsam.tracking.uri import TrackingError, check_tracking_uri, resolve_tracking_uri
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:sqlalchemy.*"),
+    pytest.mark.filterwarnings("ignore:.*noload.*"),
+]
+
+REPO = Path(__file__).resolve().parent.parent
+MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 in its own process group (the CLI starts a uvicorn child)."""
+
+    def __init__(self, root: Path, *, proxied: bool) -> None:
+        self.root, self.port, self.proxied = root, _free_port(), proxied
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait_s: float = 90.0) -> None:
+        artifacts = ["--default-artifact-root", str(self.root / "artifacts")]
+        if self.proxied:
+            artifacts = ["--artifacts-destination", str(self.root / "artifacts")]
+        cmd = [str(MLFLOW_BIN), "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--backend-store-uri", f"sqlite:///{self.root}/db.sqlite", *artifacts]
+        cmd += ["--workers", "1"]
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}"
+                )
+            try:
+                if requests.get(self.uri + "/health", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+        self.kill()
+        raise RuntimeError(f"mlflow server not healthy after {wait_s} s")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def sqlite_uri(tmp_path_factory):
+    """One SQLite store for the tests without a server (creating one costs ~3 s)."""
+    uri = resolve_tracking_uri(None, tmp_path_factory.mktemp("sqlite-store"))
+    check_tracking_uri(uri, timeout_s=5)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module, with proxied artifacts (uploads go over HTTP, as on a
+    cluster). The outage test kills and restarts it on the same port and database."""
+    s = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), proxied=True)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.kill()
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _history(uri: str, run_id: str, key: str) -> dict[int, float]:
+    hist = _client(uri).get_metric_history(run_id, key)
+    steps = [m.step for m in hist]
+    assert len(steps) == len(set(steps)), f"{key}: duplicated steps {sorted(steps)}"
+    return {m.step: m.value for m in hist}
+
+
+def _artifacts(uri: str, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for f in _client(uri).list_artifacts(run_id, path):
+        out |= _artifacts(uri, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def _metrics(step: int) -> dict[str, float]:
+    # Exactly representable values, so equality after the round trip is exact.
+    return {"train/loss/depth": 1.0 / (1 << step), "val/semantic/miou": step / 64.0}
+
+
+def _tiny_adapter(tmp: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    model = build_msam(
+        "tiny",
+        [("semantic", 6), ("depth", 1)],
+        adapter=AdapterSpec(method="tora", r1=4, r2=4, r3=2),
+    )
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, p in model.trainable_named_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    folder = save_adapter(model, tmp / "adapter")
+    return folder, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(model, expected: dict[str, torch.Tensor]) -> None:
+    got = model.state_dict()
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+
+
+# ------------------------------------------------------------------ no server
+
+
+def test_resolve_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri(None, "out") == f"sqlite:///{tmp_path}/out/mlflow.db"
+    assert resolve_tracking_uri("http://h:5000", "out") == "http://h:5000"
+    assert resolve_tracking_uri("sqlite:///rel/x.db", "out") == f"sqlite:///{tmp_path}/rel/x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:1")
+    assert resolve_tracking_uri(None, "out") == "http://env:1"
+    assert resolve_tracking_uri("http://cfg:2", "out") == "http://cfg:2"
+
+
+def test_bad_uris_fail_fast(sqlite_uri):
+    closed = f"http://127.0.0.1:{_free_port()}"
+    for uri in (closed, "nonsense://x", "sqlite:///relative.db", "", "file:///tmp/mlruns"):
+        t = time.monotonic()
+        with pytest.raises(TrackingError) as e:
+            check_tracking_uri(uri, timeout_s=3)
+        assert time.monotonic() - t < 10
+        assert "\n" not in str(e.value)
+    with pytest.raises(TrackingError, match="unreachable"):
+        check_tracking_uri(closed, timeout_s=3)
+    with pytest.raises(TrackingError, match="unsupported scheme 'nonsense'"):
+        check_tracking_uri("nonsense://x", timeout_s=3)
+    check_tracking_uri(sqlite_uri, timeout_s=3)
+
+
+def test_hanging_server_costs_one_timeout(tmp_path, caplog):
+    """A server that accepts connections and never answers: the first call waits one request
+    time-out, the following ones return at once (back-off) and everything is spooled."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        t = time.monotonic()
+        with pytest.raises(TrackingError):
+            check_tracking_uri(uri, timeout_s=1)
+        assert time.monotonic() - t < 5
+        t = time.monotonic()
+        tr = RunTracker(uri, "exp", run_name="t", spool_dir=tmp_path, request_timeout_s=1)
+        assert time.monotonic() - t < 4
+        for step in range(3):
+            t = time.monotonic()
+            tr.log_metrics(_metrics(step), step=step)
+            assert time.monotonic() - t < 0.5
+        rep = tr.finish("FAILED")
+    assert tr.run_id is None and rep.pending == 4 and rep.pending_metrics == 6
+    assert (tmp_path / SPOOL_FILE).is_file()
+    assert sum("unreachable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_sqlite_tracker_params_tags_metrics_images(sqlite_uri, tmp_path):
+    uri = sqlite_uri
+    params = {"model": {"preset": "tiny", "ranks": [4, 4, 2]}, "lr": 0.001, "long": "x" * 7000}
+    tags = {"method": "tora", "dataset": "scenes"}
+    tr = RunTracker(
+        uri, "exp", run_name="trial_a", spool_dir=tmp_path / "a", params=params, tags=tags
+    )
+    tr.log_params(count_params({"adapters": (10, 10), "all": (12, 100)}))
+    for step in range(4):
+        tr.log_metrics(_metrics(step), step=step)
+    img = np.zeros((6, 5, 3), np.uint8)
+    img[2, 3] = (255, 10, 20)
+    tr.log_image(img, "predictions/epoch_001.png")
+    rep = tr.finish()
+    assert rep.complete and rep.pending == 0 and rep.spool_path is None
+    assert not (tmp_path / "a" / SPOOL_FILE).exists()
+
+    run = _client(uri).get_run(tr.run_id)
+    p = run.data.params
+    assert p["model.preset"] == "tiny" and p["model.ranks"] == "[4, 4, 2]" and p["lr"] == "0.001"
+    assert len(p["long"]) == MAX_PARAM_LENGTH and p["long"].startswith("x" * 5000)
+    assert p["params/trainable/adapters"] == "10" and p["params/total/all"] == "100"
+    assert run.data.tags["method"] == "tora" and run.data.tags["dataset"] == "scenes"
+    assert run.info.status == "FINISHED"
+    for key in _metrics(0):
+        assert _history(uri, tr.run_id, key) == {s: _metrics(s)[key] for s in range(4)}
+    local = _client(uri).download_artifacts(tr.run_id, "predictions/epoch_001.png", str(tmp_path))
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(local).convert("RGB")), img)
+    # Artifacts sit next to the database, not in the current folder.
+    db_dir = Path(uri[len("sqlite:///") :]).parent
+    assert run.info.artifact_uri.startswith(str(db_dir / "mlartifacts" / "exp"))
+
+    # A restarted attempt reuses the run; re-logging equal params is fine, a changed one is kept.
+    tr2 = RunTracker(uri, "exp", run_name="trial_a", spool_dir=tmp_path / "a", params=params)
+    tr2.log_params({"lr": 0.5})
+    tr2.log_metrics(_metrics(4), step=4)
+    assert tr2.finish().complete and tr2.run_id == tr.run_id
+    assert _client(uri).get_run(tr.run_id).data.params["lr"] == "0.001"
+    assert len(_client(uri).search_runs([run.info.experiment_id])) == 1
+    assert sorted(_history(uri, tr.run_id, "train/loss/depth")) == [0, 1, 2, 3, 4]
+
+
+def test_bad_calls_raise_at_once(sqlite_uri, tmp_path):
+    tr = RunTracker(sqlite_uri, "bad-calls", run_name="t", spool_dir=tmp_path / "s")
+    with pytest.raises(ValueError, match="metric name"):
+        tr.log_metrics({"bad*key": 1.0}, step=0)
+    with pytest.raises(ValueError, match="not a number"):
+        tr.log_metrics({"ok": "abc"}, step=0)
+    with pytest.raises(ValueError, match="step"):
+        tr.log_metrics({"ok": 1.0}, step=1.5)
+    with pytest.raises(FileNotFoundError):
+        tr.log_artifact_dir(tmp_path / "missing", "adapter")
+    with pytest.raises(ValueError, match="uint8"):
+        tr.log_image(np.zeros((4, 4, 3), np.float32), "x.png")
+    assert tr.finish().complete
+
+
+def test_crashed_attempt_spool_is_sent_first_then_synced(sqlite_uri, tmp_path):
+    """A tracker that cannot reach its server and dies without finish() leaves a spool; the
+    next attempt adopts it (nothing lost, nothing reordered); a sync to another back end
+    delivers everything once."""
+    dead = f"http://127.0.0.1:{_free_port()}"
+    spool_dir = tmp_path / "trial"
+    script = textwrap.dedent(f"""
+        import os
+        from mtsam.tracking.tracker import RunTracker
+        tr = RunTracker({dead!r}, "crashed", run_name="t1", spool_dir={str(spool_dir)!r},
+                        params={{"lr": 0.25}}, request_timeout_s=1)
+        for s in range(3):
+            tr.log_metrics({{"train/loss": s / 8.0}}, step=s)
+        os._exit(3)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "platform"))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, timeout=60, capture_output=True)
+    assert proc.returncode == 3, proc.stderr.decode()[-2000:]
+    assert (spool_dir / SPOOL_FILE).is_file()
+
+    adapter, _ = _tiny_adapter(tmp_path)
+    tr = RunTracker(dead, "crashed", run_name="t1", spool_dir=spool_dir, request_timeout_s=1)
+    tr.log_metrics({"train/loss": 3 / 8.0}, step=3)
+    tr.log_artifact_dir(adapter, "adapter")
+    rep = tr.finish()
+    assert rep.pending == 7 and rep.pending_metrics == 4 and len(rep.pending_artifacts) == 1
+
+    target = sqlite_uri
+    (res,) = sync_spool(tmp_path, tracking_uri=target)
+    assert res.report is not None and res.report.complete, res.report
+    assert not (spool_dir / SPOOL_FILE).exists()
+    run = _client(target).get_run(res.report.run_id)
+    assert run.info.run_name == "t1" and run.info.status == "FINISHED"
+    assert run.data.params == {"lr": "0.25"}
+    assert _history(target, run.info.run_id, "train/loss") == {s: s / 8.0 for s in range(4)}
+    assert _artifacts(target, run.info.run_id) == {
+        "adapter/adapter.json",
+        "adapter/adapter.safetensors",
+    }
+    assert sync_spool(tmp_path, tracking_uri=target) == []
+
+
+def test_prediction_panel_layout():
+    h, w = 3, 4
+    image = torch.linspace(-0.5, 1.5, 3 * h * w).reshape(3, h, w)
+    rng = np.random.default_rng(0)
+    tiles = {
+        t: (
+            rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+            rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+        )
+        for t in ("semantic", "depth")
+    }
+    out = prediction_panel(image, tiles)
+    assert out.dtype == np.uint8 and out.shape == (2 * h + GAP, 3 * w + 2 * GAP, 3)
+    ref_img = np.empty((h, w, 3), np.uint8)
+    for c in range(3):
+        for y in range(h):
+            for x in range(w):
+                v = min(max(float(image[c, y, x]), 0.0), 1.0)
+                ref_img[y, x, c] = int(np.floor(v * 255 + 0.5))
+    for i, (pred, target) in enumerate(tiles.values()):
+        y = i * (h + GAP)
+        assert np.array_equal(out[y : y + h, 0:w], ref_img)
+        assert np.array_equal(out[y : y + h, w + GAP : 2 * w + GAP], target)
+        assert np.array_equal(out[y : y + h, 2 * (w + GAP) :], pred)
+    assert (out[h : h + GAP] == 255).all() and (out[:, w : w + GAP] == 255).all()
+    with pytest.raises(ValueError, match="depth target"):
+        prediction_panel(image, {"depth": (tiles["depth"][0], np.zeros((h, w + 1, 3), np.uint8))})
+
+
+def test_flatten_params():
+    flat = flatten_params({"a": {"b": 1, "c": {"d": True}}, "e": [1, 2], "f": None, "g": {}})
+    assert flat == {"a.b": "1", "a.c.d": "True", "e": "[1, 2]", "f": "None", "g": "{}"}
+
+
+def test_load_adapter_from_local_folder(tmp_path):
+    folder, state = _tiny_adapter(tmp_path)
+    _same_state(mtsam.load_adapter(str(folder)), state)
+    _same_state(load_adapter(f"file://{folder}"), state)
+    from mtsam.adapters.io import AdapterNotFoundError
+
+    with pytest.raises(AdapterNotFoundError):
+        load_adapter(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------ real server
+
+
+def test_sweep_trials_registry_on_server(server, tmp_path):
+    uri = server.uri
+    check_tracking_uri(uri, timeout_s=5)
+    sweep_tags = {SWEEP_PATH_TAG: str(tmp_path / "sweep"), "mtsam.kind": "sweep"}
+    parent = start_sweep_run(
+        uri, "sweeps", run_name="sweep-1", params={"tune": {"num_samples": 2}}, tags=sweep_tags
+    )
+    folder, state = _tiny_adapter(tmp_path)
+    children = {}
+    for i in range(2):
+        tr = RunTracker(
+            uri,
+            "sweeps",
+            run_name=f"trial_{i}",
+            parent_run_id=parent,
+            spool_dir=tmp_path / f"t{i}",
+            params={"adapter": {"r1": 4 + i}},
+            tags={"method": "tora"},
+        )
+        for step in range(3):
+            tr.log_metrics(_metrics(step + i), step=step)
+        tr.log_artifact_dir(folder, "adapter")
+        tr.log_image(np.full((4, 4, 3), 9 * i, np.uint8), "predictions/epoch_000.png")
+        assert tr.finish().complete
+        children[f"trial_{i}"] = tr.run_id
+    # A restarted trial finds its run again.
+    again = RunTracker(
+        uri, "sweeps", run_name="trial_0", parent_run_id=parent, spool_dir=tmp_path / "t0"
+    )
+    again.log_metrics(_metrics(9), step=3)
+    assert again.finish().complete and again.run_id == children["trial_0"]
+
+    c = _client(uri)
+    exp = c.get_experiment_by_name("sweeps").experiment_id
+    runs = c.search_runs([exp])
+    assert len(runs) == 3
+    kids = {r.info.run_name: r for r in runs if r.data.tags.get(PARENT_TAG) == parent}
+    assert {k: r.info.run_id for k, r in kids.items()} == children
+    for i in range(2):
+        rid = children[f"trial_{i}"]
+        expected = {s: _metrics(s + i)["val/semantic/miou"] for s in range(3)}
+        if i == 0:
+            expected[3] = _metrics(9)["val/semantic/miou"]
+        assert _history(uri, rid, "val/semantic/miou") == expected
+        assert kids[f"trial_{i}"].data.params["adapter.r1"] == str(4 + i)
+        assert kids[f"trial_{i}"].data.tags["method"] == "tora"
+        assert _artifacts(uri, rid) == {
+            "adapter/adapter.json",
+            "adapter/adapter.safetensors",
+            "predictions/epoch_000.png",
+        }
+
+    # A resumed sweep reuses its parent run; finishing writes the summary and the plot.
+    assert start_sweep_run(uri, "sweeps", run_name="sweep-1", tags=sweep_tags) == parent
+    rows = [
+        {
+            "trial_id": "trial_0",
+            "method": "tora",
+            "trainable_params": 1000,
+            "val/delta_m": 1.5,
+            "val/semantic/miou": 0.25,
+        },
+        {
+            "trial_id": "trial_1",
+            "method": "lora_stl",
+            "trainable_params": 3000,
+            "val/delta_m": -0.5,
+            "val/semantic/miou": 0.125,
+        },
+    ]
+    rep = finish_sweep(
+        uri,
+        parent,
+        best_metrics={"best/val/delta_m": 1.5},
+        summary_rows=rows,
+        out_dir=tmp_path / "sweep",
+    )
+    assert rep.complete
+    assert _artifacts(uri, parent) == {
+        "summary/trials.csv",
+        "summary/trials.parquet",
+        "summary/trials.png",
+    }
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "sweep" / "summary" / "trials.parquet").to_pylist() == rows
+    run = c.get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"best/val/delta_m": 1.5}
+    assert run.data.params == {"tune.num_samples": "2"}
+
+    # Registry: one version per run and path, loadable by version, alias and run URI.
+    v = register_adapter(uri, run_id=children["trial_1"], name="tiny-tora", alias="best")
+    assert v == "1"
+    assert register_adapter(uri, run_id=children["trial_1"], name="tiny-tora") == "1"
+    assert register_adapter(uri, run_id=children["trial_0"], name="tiny-tora") == "2"
+    for source in (
+        "models:/tiny-tora/1",
+        "models:/tiny-tora@best",
+        f"runs:/{children['trial_0']}/adapter",
+    ):
+        _same_state(load_adapter(source, tracking_uri=uri), state)
+    from mtsam.adapters.io import AdapterNotFoundError
+
+    with pytest.raises(AdapterNotFoundError):
+        load_adapter("models:/tiny-tora/9", tracking_uri=uri)
+    with pytest.raises(TrackingError):
+        register_adapter(uri, run_id="0" * 32, name="tiny-tora")
+
+
+def test_outage_loses_nothing_and_spool_syncs(server, tmp_path, caplog):
+    """Kill the server under a live tracker and start a second tracker while it is down:
+    calls stay fast; after the restart the live tracker delivers everything in order; the
+    second one reports what it kept, and the sync job uploads it exactly once."""
+    uri = server.uri
+    parent = start_sweep_run(uri, "robust", run_name="sweep-k")
+    folder, _ = _tiny_adapter(tmp_path)
+    live_dir, down_dir = tmp_path / "live", tmp_path / "runs" / "trial_d"
+    live = RunTracker(
+        uri,
+        "robust",
+        run_name="trial_k",
+        parent_run_id=parent,
+        spool_dir=live_dir,
+        request_timeout_s=5,
+    )
+    for step in range(3):
+        live.log_metrics(_metrics(step), step=step)
+    server.kill()
+    slowest = 0.0
+    for step in range(3, 8):
+        t = time.monotonic()
+        live.log_metrics(_metrics(step), step=step)
+        if step == 4:
+            live.log_artifact_dir(folder, "adapter")
+        slowest = max(slowest, time.monotonic() - t)
+    assert slowest < 2  # a refused connection costs nothing; never MLflow's minutes of retries
+    assert (live_dir / SPOOL_FILE).is_file()
+
+    down = RunTracker(
+        uri,
+        "robust",
+        run_name="trial_d",
+        parent_run_id=parent,
+        spool_dir=down_dir,
+        params={"lr": 0.5},
+        tags={"method": "tora"},
+        request_timeout_s=5,
+    )
+    for step in range(4):
+        down.log_metrics(_metrics(step), step=step)
+    down.log_artifact_dir(folder, "adapter")
+    down.log_image(np.full((4, 4, 3), 7, np.uint8), "predictions/epoch_000.png")
+    rep = down.finish()
+    assert not rep.complete and down.run_id is None
+    assert rep.pending == 9 and rep.pending_metrics == 8 and len(rep.pending_artifacts) == 2
+    assert rep.spool_path == down_dir / SPOOL_FILE and rep.spool_path.is_file()
+
+    server.start()
+    _client(uri).search_experiments(max_results=1)  # the first API call of a new server is slow
+    time.sleep(1.1)  # past the live tracker's first back-off
+    for step in range(8, 10):
+        live.log_metrics(_metrics(step), step=step)
+    assert not (live_dir / SPOOL_FILE).exists()  # delivered by the next call
+    live_rep = live.finish()
+    assert live_rep.complete, live_rep.summary()
+    warned = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert sum(str(live_dir) in r.getMessage() for r in warned) == 1
+    for key in _metrics(0):
+        assert _history(uri, live.run_id, key) == {s: _metrics(s)[key] for s in range(10)}
+    assert _artifacts(uri, live.run_id) == {"adapter/adapter.json", "adapter/adapter.safetensors"}
+    assert _client(uri).get_run(live.run_id).info.status == "FINISHED"
+
+    cmd = [sys.executable, str(REPO / "jobs" / "sync_mlflow.py"), "--spool", str(tmp_path / "runs")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert not rep.spool_path.exists()
+    c = _client(uri)
+    exp = c.get_experiment_by_name("robust").experiment_id
+    (run,) = c.search_runs([exp], filter_string="attributes.run_name = 'trial_d'")
+    rid = run.info.run_id
+    assert run.data.tags[PARENT_TAG] == parent and run.data.tags["method"] == "tora"
+    assert run.data.params == {"lr": "0.5"} and run.info.status == "FINISHED"
+    for key in _metrics(0):
+        assert _history(uri, rid, key) == {s: _metrics(s)[key] for s in range(4)}
+    stored = sorted(
+        p for p in (server.root / "artifacts").rglob("*") if p.is_file() and rid in str(p)
+    )
+    assert [p.name for p in stored] == ["adapter.json", "adapter.safetensors", "epoch_000.png"]
+    mtimes = [p.stat().st_mtime_ns for p in stored]
+
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and "nothing to sync" in second.stdout
+    assert [p.stat().st_mtime_ns for p in stored] == mtimes
+    assert _artifacts(uri, rid) == {
+        "adapter/adapter.json",
+        "adapter/adapter.safetensors",
+        "predictions/epoch_000.png",
+    }
+    assert len(c.search_runs([exp])) == 3  # sweep-k, trial_k, trial_d: no duplicates
