@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             return fail(e)
     base = runner.put_base_weights(cfg.model.checkpoint)
+    if base is not None:
+        print(f"base weights of {cfg.model.checkpoint} put in the object store ({base[1]})")
     trainer = runner.make_trainer(cfg, name=name, storage=storage, base=base, tracking=tracking)
     runner.save_run_config(Path(storage) / name, cfg)
     t0 = time.time()

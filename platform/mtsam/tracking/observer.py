@@ -20,6 +20,21 @@ from mtsam.config import ExperimentConfig
 log = logging.getLogger("mtsam.tracking")
 
 
+def _guarded(fn):
+    """Tracking must never stop training: a hook that fails logs one warning and returns."""
+
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as e:
+            log.warning("MLflow: %s failed: %s", fn.__name__, e)
+            return None
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
 class TrackingObserver:
     def __init__(self, info: Mapping[str, Any], cfg: ExperimentConfig) -> None:
         from mtsam.tracking.tracker import RunTracker
@@ -51,6 +66,7 @@ class TrackingObserver:
             params=cfg.flat(),
         )
 
+    @_guarded
     def on_start(self, model: Any, param_counts: Mapping[str, tuple[int, int]]) -> None:
         from mtsam.adapters.growth import plot_param_growth
 
@@ -65,6 +81,7 @@ class TrackingObserver:
             except Exception as e:
                 log.warning("param-growth plot not logged: %s", e)
 
+    @_guarded
     def on_epoch(
         self,
         epoch: int,
@@ -76,7 +93,9 @@ class TrackingObserver:
         from mtsam.tracking.panel import prediction_panel
 
         numeric = {
-            k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(v) and k != "epoch"
         }
         self.tracker.log_metrics(numeric, step=epoch)
         for sample, entry in (pictures or {}).items():
@@ -99,6 +118,7 @@ class TrackingObserver:
             return True
         return False
 
+    @_guarded
     def on_end(self, status: str, message: str = "") -> None:
         if message:
             self.tracker.set_tags({"mtsam.error": message[:500]})

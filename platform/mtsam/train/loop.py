@@ -210,6 +210,10 @@ def fit(
             if ctx.is_main:
                 log(f"resumed from {ckpt_dir} after epoch {state['epoch'] + 1}")
 
+    log(
+        f"worker rank {ctx.rank}/{ctx.world_size} on node {ctx.node_id} (pid {os.getpid()}); "
+        f"base weights: {'object store' if base is not None else cfg.model.checkpoint or 'random'}"
+    )
     if ctx.is_main:
         counts = model.parameter_counts()
         log(
