@@ -9,7 +9,8 @@ in it gives the model and the data (--config replaces the data section, --set ov
 key). --adapter takes a saved adapter folder or an MLflow URI (models:/..., runs:/...): the
 adapter describes the model; the data come from --config (default configs/default.yaml).
 A random base (no --base-checkpoint, no checkpoint in the config) is rebuilt from the seed the
-adapter recorded, so it is the same random base the adapter was trained on.
+adapter recorded, so it is the same random base the adapter was trained on. --json FILE also
+writes the metrics at full precision.
 """
 
 from __future__ import annotations
@@ -140,13 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(ap)
     ap.add_argument("--split", choices=("val", "train"), default="val", help="split (val)")
     ap.add_argument("--base-checkpoint", metavar="SAM_PTH", help="SAM base weights (.pth)")
+    ap.add_argument("--json", metavar="FILE", help="also write the metrics to FILE as JSON")
     args = ap.parse_args(argv)
-
-    import torch
 
     from mtsam.tasks import build_tasks
 
-    torch.set_grad_enabled(False)
     try:
         if args.base_checkpoint and not Path(args.base_checkpoint).is_file():
             raise FileNotFoundError(f"--base-checkpoint {args.base_checkpoint}: no such file")
@@ -173,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.split != "val":
         metrics = {k.replace("val/", f"{args.split}/", 1): v for k, v in metrics.items()}
     print(metrics_table({name: metrics}, columns=list(metrics)))
+    if args.json:
+        import json
+        import os
+
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        os.replace(tmp, args.json)
     return 0
 
 
