@@ -84,8 +84,16 @@ BAD = [
     ({}, ["nope.x=1"], r"unknown section 'nope'"),
     ({}, ["train.nope=1"], r"--set train\.nope: no such config key"),
     ({}, ["train.lr"], r"expected KEY=VALUE"),
-    ({}, ["tune.space.adapter.rr={type: choice, values: [1]}"], r"tune\.space\.adapter\.rr: no such"),
-    ({}, ["tune.space.adapter.r1={type: choice, values: [0]}"], r"tune\.space\.adapter\.r1: value 0"),
+    (
+        {},
+        ["tune.space.adapter.rr={type: choice, values: [1]}"],
+        r"tune\.space\.adapter\.rr: no such",
+    ),
+    (
+        {},
+        ["tune.space.adapter.r1={type: choice, values: [0]}"],
+        r"tune\.space\.adapter\.r1: value 0",
+    ),
     ({}, ["tune.space.train.lr={type: loguniform, low: 0, high: 1}"], r"low > 0"),
     ({}, ["tune.space.train.lr={type: uniform, low: 2, high: 1}"], r"low < high"),
     ({}, ["tune.space.scaling.num_workers={type: choice, values: [1]}"], r"only model/adapter"),
@@ -106,7 +114,7 @@ def test_bad_input_one_line(data, overrides, pattern):
 
 def test_bad_files_name_the_file(tmp_path):
     missing = tmp_path / "absent.yaml"
-    with pytest.raises(ConfigError, match="absent.yaml: no such file"):
+    with pytest.raises(ConfigError, match=r"absent\.yaml: no such file"):
         load_config(missing)
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: [1, 2\n")

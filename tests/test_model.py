@@ -245,7 +245,7 @@ def test_truncated_checkpoint(tmp_path, sam_tiny_ckpt):
 def test_garbage_and_missing_checkpoint(tmp_path):
     bad = tmp_path / "garbage.pth"
     bad.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="garbage.pth"):
+    with pytest.raises(CheckpointError, match=r"garbage\.pth"):
         build_msam("tiny", NYU, checkpoint=bad)
     with pytest.raises(CheckpointError, match="no such file"):
         build_msam("tiny", NYU, checkpoint=tmp_path / "absent.pth")
@@ -272,7 +272,7 @@ def test_pickled_object_is_refused(tmp_path):
     """weights_only=True: a checkpoint carrying arbitrary Python objects is not unpickled."""
     path = tmp_path / "evil.pth"
     torch.save({"x": Evil()}, path)
-    with pytest.raises(CheckpointError, match="evil.pth"):
+    with pytest.raises(CheckpointError, match=r"evil\.pth"):
         build_msam("tiny", NYU, checkpoint=path)
 
 
@@ -284,7 +284,7 @@ def test_trainable_state_round_trip_and_mismatch():
     ):
         assert torch.equal(p, q), n
     c = build_msam("tiny", [("semantic", 13), ("depth", 1)])
-    with pytest.raises(ValueError, match="unexpected.*decoders.normal"):
+    with pytest.raises(ValueError, match=r"unexpected.*decoders\.normal"):
         c.load_trainable_state_dict(a.trainable_state_dict())
 
 

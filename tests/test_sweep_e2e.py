@@ -86,27 +86,61 @@ def ray_head(tmp_path):
     """A real `ray start --head` on 127.0.0.1 with the dashboard (job server) on."""
     port, dash = "6391", "8267"
     r = subprocess.run(
-        [f"{VENV_BIN}/ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port,
-         "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", dash, "--disable-usage-stats"],
-        env=env(), capture_output=True, text=True, timeout=120,
+        [
+            f"{VENV_BIN}/ray",
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            port,
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "true",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            dash,
+            "--disable-usage-stats",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     try:
         yield f"http://127.0.0.1:{dash}"
     finally:
-        subprocess.run([f"{VENV_BIN}/ray", "stop", "--force"], env=env(), capture_output=True,
-                       timeout=120)
+        subprocess.run(
+            [f"{VENV_BIN}/ray", "stop", "--force"], env=env(), capture_output=True, timeout=120
+        )
 
 
 def test_ray_job_submit_runs_the_submitted_code(ray_head, tmp_path):
     """The README's cluster command, against a real head: SUCCEEDED, results, submitted code."""
     out = tmp_path / "out"
     cmd = [
-        f"{VENV_BIN}/ray", "job", "submit", "--address", ray_head, "--working-dir", ".", "--",
-        "python", "jobs/tune.py", "--config", "configs/default.yaml",
-        *sets(*SMALL, f"output_dir={out}", "tune.num_samples=1", "train.epochs=1",
-              "tune.max_concurrent_trials=1"),
+        f"{VENV_BIN}/ray",
+        "job",
+        "submit",
+        "--address",
+        ray_head,
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "jobs/tune.py",
+        "--config",
+        "configs/default.yaml",
+        *sets(
+            *SMALL,
+            f"output_dir={out}",
+            "tune.num_samples=1",
+            "train.epochs=1",
+            "tune.max_concurrent_trials=1",
+        ),
     ]
     r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=400)
     log = r.stdout + r.stderr
@@ -124,15 +158,26 @@ def test_asha_stops_weak_trials_early(tmp_path, no_stray_ray):
     out = tmp_path / "out"
     epochs = 3
     r = tune_cli(
-        ["--name", "asha", *sets(
-            *SMALL, f"output_dir={out}", f"train.epochs={epochs}", "tune.searcher=grid", "tune.num_samples=1",
-            "tune.scheduler=asha", "tune.asha.grace_period=1", "tune.asha.reduction_factor=2",
-            "tune.max_concurrent_trials=2", "tune.metric=val/semantic/miou",
-            # strong rates first: ASHA then has recorded rung values to cut the weak ones against
-            "tune.space.train.lr={type: grid, values: [1.0e-2, 5.0e-3, 1.0e-7, 1.0e-6]}",
-            "tune.space.adapter.orth_weight={type: grid, values: [0.0]}",
-            "tune.space.adapter.method={type: grid, values: [tora]}",
-        )],
+        [
+            "--name",
+            "asha",
+            *sets(
+                *SMALL,
+                f"output_dir={out}",
+                f"train.epochs={epochs}",
+                "tune.searcher=grid",
+                "tune.num_samples=1",
+                "tune.scheduler=asha",
+                "tune.asha.grace_period=1",
+                "tune.asha.reduction_factor=2",
+                "tune.max_concurrent_trials=2",
+                "tune.metric=val/semantic/miou",
+                # strong rates first: ASHA then has recorded rung values to cut the weak ones against
+                "tune.space.train.lr={type: grid, values: [1.0e-2, 5.0e-3, 1.0e-7, 1.0e-6]}",
+                "tune.space.adapter.orth_weight={type: grid, values: [0.0]}",
+                "tune.space.adapter.method={type: grid, values: [tora]}",
+            ),
+        ],
         cwd=tmp_path,
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
@@ -147,16 +192,25 @@ def test_asha_stops_weak_trials_early(tmp_path, no_stray_ray):
 def test_budget_rejects_before_training(tmp_path, no_stray_ray):
     out = tmp_path / "out"
     r = tune_cli(
-        ["--name", "budget", *sets(
-            *SMALL, f"output_dir={out}", "train.epochs=1", "tune.searcher=grid", "tune.num_samples=1",
-            "tune.metric=val/depth/abs_err", "tune.max_concurrent_trials=1",
-            "tune.max_trainable_params=600000",
-            "tune.space.adapter.r1={type: grid, values: [2, 96]}",
-            "tune.space.adapter.r2={type: grid, values: [2, 96]}",
-            "tune.space.train.lr={type: grid, values: [0.003]}",
-            "tune.space.adapter.orth_weight={type: grid, values: [0.0]}",
-            "tune.space.adapter.method={type: grid, values: [tora]}",
-        )],
+        [
+            "--name",
+            "budget",
+            *sets(
+                *SMALL,
+                f"output_dir={out}",
+                "train.epochs=1",
+                "tune.searcher=grid",
+                "tune.num_samples=1",
+                "tune.metric=val/depth/abs_err",
+                "tune.max_concurrent_trials=1",
+                "tune.max_trainable_params=600000",
+                "tune.space.adapter.r1={type: grid, values: [2, 96]}",
+                "tune.space.adapter.r2={type: grid, values: [2, 96]}",
+                "tune.space.train.lr={type: grid, values: [0.003]}",
+                "tune.space.adapter.orth_weight={type: grid, values: [0.0]}",
+                "tune.space.adapter.method={type: grid, values: [tora]}",
+            ),
+        ],
         cwd=tmp_path,
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
@@ -169,14 +223,26 @@ def test_budget_rejects_before_training(tmp_path, no_stray_ray):
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, no_stray_ray):
     out = tmp_path / "out"
     name = "resumable"
-    args = ["--name", name, *sets(
-        *SMALL, f"output_dir={out}", "train.epochs=2", "tune.num_samples=3",
-        "tune.max_concurrent_trials=1", "tune.metric=val/depth/abs_err",
-    )]
+    args = [
+        "--name",
+        name,
+        *sets(
+            *SMALL,
+            f"output_dir={out}",
+            "train.epochs=2",
+            "tune.num_samples=3",
+            "tune.max_concurrent_trials=1",
+            "tune.metric=val/depth/abs_err",
+        ),
+    ]
     exp = out / "ray_results" / name
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "jobs/tune.py"), *args], cwd=tmp_path, env=env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [sys.executable, str(REPO / "jobs/tune.py"), *args],
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 300

@@ -11,6 +11,7 @@ Errors are one line naming the key, the bad value and what is allowed, e.g.::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -447,13 +448,9 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
-            try:
-                value = (
-                    float(value) if value.strip().lower() not in ("nan", "inf", "-inf") else value
-                )
-            except ValueError:
-                pass
+        if isinstance(value, str) and value.strip().lower() not in ("nan", "inf", "-inf"):
+            with contextlib.suppress(ValueError):  # YAML 1.1 reads 3e-4 as a string
+                value = float(value)
         out.append((key.strip(), value))
     return out
 
