@@ -476,8 +476,12 @@ class _null:
         return False
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``loop_config``: {"config": ExperimentConfig dict, "base": ...}."""
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
+    """Ray Train entry point. ``loop_config``: {"config": ExperimentConfig dict, "base": ...}.
+
+    Returns {"error": message} after a NaN stop (Ray Train hands rank 0's return value to the
+    driver as ``Result.return_value``), else None.
+    """
     from mtsam.train.context import ray_context
 
     torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
@@ -496,7 +500,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         observer = make_observer(loop_config["tracking"], cfg)
     try:
         fit(cfg, ctx, base=base, observer=observer)
-    except NonFiniteLossError:
-        # Already reported as the metric "error": retrying from the last checkpoint would
-        # hit the same NaN, so end the run normally and let the driver raise.
-        return
+    except NonFiniteLossError as e:
+        # Retrying from the last checkpoint would hit the same NaN, so end the run normally.
+        # The "error" metric reaches Tune's callback, but Ray Train's Result.metrics holds only
+        # checkpointed reports: the return value is how the driver learns of the failure.
+        return {"error": str(e)}
+    return None

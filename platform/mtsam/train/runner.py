@@ -143,10 +143,10 @@ def make_trainer(
     )
 
 
-def _entry(loop_config: dict[str, Any]) -> None:
+def _entry(loop_config: dict[str, Any]) -> dict[str, str] | None:
     from mtsam.train.loop import train_loop_per_worker
 
-    train_loop_per_worker(loop_config)
+    return train_loop_per_worker(loop_config)
 
 
 def outcome_of(result: Any, *, metric: str | None = None, mode: str = "max") -> TrainOutcome:
@@ -160,9 +160,11 @@ def outcome_of(result: Any, *, metric: str | None = None, mode: str = "max") -> 
     ]
     if ranked:
         ckpt = (max if mode == "max" else min)(ranked)[1]
-    return TrainOutcome(
-        metrics=metrics, path=str(result.path), checkpoint=ckpt, error=metrics.get("error")
-    )
+    # A NaN stop comes back as the loop's return value; Result.metrics are those of the last
+    # checkpointed report (the good epoch before it).
+    returned = getattr(result, "return_value", None)
+    error = metrics.get("error") or (returned.get("error") if isinstance(returned, dict) else None)
+    return TrainOutcome(metrics=metrics, path=str(result.path), checkpoint=ckpt, error=error)
 
 
 RUN_CONFIG_FILE = "mtsam_config.yaml"

@@ -1,0 +1,250 @@
+"""The training loop under real Ray Train (V2) on 2 CPUs: data parallelism, a killed worker,
+a NaN through jobs/train.py, and resuming that stopped run from the command line.
+
+One local Ray (dashboard on 127.0.0.1, needed by the state API and Train's cleaner) serves
+the whole module. Every run uses the same small config (tiny mSAM + ToRA, 32 generated scenes,
+8 optimizer steps of 4 images per epoch, 2 epochs, dropout 0, seeded augmentation); the
+one-worker run is the reference that the others must reproduce.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from mtsam.config import load_config  # noqa: E402
+from mtsam.train import runner  # noqa: E402
+from mtsam.train.state import load_train_state  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_TRAIN, NUM_VAL, EPOCHS = 32, 16, 2
+STEPS_PER_EPOCH = NUM_TRAIN // 4
+# One worker with batch 2b against two with batch b: the gradients are summed in another order
+# (gloo all-reduce of two half-batch means), which moves the last bits. Measured after 16 Adam
+# steps: val metrics within 2e-8 relative, trainable tensors within 2e-6 (relative Frobenius
+# error per tensor) except the attention k_proj biases (8e-5, see below). Limits: 1e-4 and 1e-3.
+DP_METRIC_RTOL, DP_TENSOR_RTOL, DP_KBIAS_RTOL = 1e-4, 1e-4, 1e-3
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env=runner.ray_runtime_env(),
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("scenes")
+
+
+def overrides(out: Path, scenes: Path, *, workers: int = 1, batch: int = 4) -> list[str]:
+    return [
+        "tracking.enabled=false",
+        f"output_dir={out}",
+        f"data.root={scenes}",
+        f"data.scenes.num_train={NUM_TRAIN}",
+        f"data.scenes.num_val={NUM_VAL}",
+        f"train.batch_size={batch}",
+        f"train.epochs={EPOCHS}",
+        "train.log_every=1000",
+        "train.vis_samples=0",
+        f"scaling.num_workers={workers}",
+        "scaling.cpus_per_worker=1",
+        "scaling.max_failures=1",
+    ]
+
+
+def fit_on_ray(out: Path, scenes: Path, name: str, *, workers: int = 1, batch: int = 4):
+    cfg = load_config(
+        REPO / "configs" / "default.yaml", overrides(out, scenes, workers=workers, batch=batch)
+    )
+    trainer = runner.make_trainer(cfg, name=name, storage=runner.storage_path(cfg))
+    return trainer.fit()
+
+
+def val_metrics(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+
+
+def checkpoints_by_epoch(run_dir: Path) -> dict[int, Path]:
+    """{epoch (1-based): folder} for every checkpoint Ray Train kept in a run folder."""
+    out = {}
+    for d in run_dir.glob("checkpoint_*"):
+        if (d / "train_state.pt").is_file():
+            out[load_train_state(d)["epoch"] + 1] = d
+    return out
+
+
+def worker_log_text(ray_session_logs: Path) -> str:
+    return "".join(
+        p.read_text(errors="replace") for p in sorted(ray_session_logs.glob("worker-*.out"))
+    )
+
+
+def session_logs() -> Path:
+    node = ray._private.worker.global_worker.node
+    return Path(node.get_session_dir_path()) / "logs"
+
+
+@pytest.fixture(scope="module")
+def reference(ray_address, tmp_path_factory, scenes):
+    """One worker, batch 4, uninterrupted: (result, final trainable tensors)."""
+    out = tmp_path_factory.mktemp("ref")
+    result = fit_on_ray(out, scenes, "ref")
+    assert result.error is None, result.error
+    final = checkpoints_by_epoch(Path(result.path))[EPOCHS]
+    return result, load_train_state(final)["trainable"]
+
+
+def test_one_worker_run_reports_every_task(reference):
+    result, _ = reference
+    assert result.metrics["epoch"] == EPOCHS
+    for key in ("val/semantic/miou", "val/depth/abs_err", "val/normal/mean_deg"):
+        assert key in result.metrics
+
+
+def test_two_workers_batch_b_equal_one_worker_batch_2b(reference, tmp_path, scenes):
+    """DistributedSampler interleaves one seeded permutation, DDP averages the two half-batch
+    gradients (every scene pixel is valid, so each half-batch loss is a mean over the same
+    number of pixels and the average is the full-batch mean), evaluation sums exact
+    statistics across workers: same metrics and tensors up to the limits above."""
+    ref, ref_tensors = reference
+    result = fit_on_ray(tmp_path, scenes, "dp2", workers=2, batch=2)
+    assert result.error is None, result.error
+    assert result.metrics["epoch"] == EPOCHS
+    want, got = val_metrics(ref.metrics), val_metrics(result.metrics)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=DP_METRIC_RTOL, abs=1e-9), k
+    tensors = load_train_state(checkpoints_by_epoch(Path(result.path))[EPOCHS])["trainable"]
+    assert set(tensors) == set(ref_tensors)
+    for k, v in ref_tensors.items():
+        err = float((tensors[k] - v).norm() / v.norm().clamp_min(1e-12))
+        # A key bias adds q.b to every logit of a query: softmax cancels it, so its gradient is
+        # 0 in exact arithmetic and float noise in practice, which Adam rescales to real steps.
+        limit = DP_KBIAS_RTOL if k.endswith("k_proj.bias") else DP_TENSOR_RTOL
+        assert err <= limit, (k, err)
+
+
+def _snapshot_has_checkpoint(run_dir: Path) -> bool:
+    path = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return json.loads(path.read_text()).get("latest_checkpoint_result") is not None
+    except (OSError, ValueError):
+        return False
+
+
+def test_killed_worker_restarts_from_its_checkpoint(ray_address, reference, tmp_path, scenes):
+    """SIGKILL the worker process once Ray Train has registered the epoch-1 checkpoint: the group
+    restarts (max_failures=1), resumes from that checkpoint, and ends with the reference's
+    metrics (resume is exact on CPU)."""
+    from ray.util.state import list_actors
+
+    ref, ref_tensors = reference
+    run_dir = tmp_path / "ray_results" / "killed"
+    box: dict = {}
+    thread = threading.Thread(
+        target=lambda: box.setdefault("result", fit_on_ray(tmp_path, scenes, "killed"))
+    )
+    thread.start()
+    deadline = time.monotonic() + 180
+    while not _snapshot_has_checkpoint(run_dir):
+        assert thread.is_alive() and time.monotonic() < deadline, "no checkpoint registered"
+        time.sleep(0.2)
+    alive = list_actors(
+        address=ray_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        detail=True,
+    )
+    assert len(alive) == 1, alive
+    os.kill(alive[0].pid, signal.SIGKILL)
+    thread.join(timeout=240)
+    assert not thread.is_alive()
+
+    result = box["result"]
+    assert result.error is None, result.error
+    assert result.metrics["epoch"] == EPOCHS
+    logs = worker_log_text(session_logs())
+    assert re.search(rf"resumed from \S*{re.escape(str(run_dir))}\S* after epoch 1", logs), (
+        "the restarted worker did not log a resume from this run's checkpoint"
+    )
+    want, got = val_metrics(ref.metrics), val_metrics(result.metrics)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-9), k
+    tensors = load_train_state(checkpoints_by_epoch(Path(result.path))[EPOCHS])["trainable"]
+    for k, v in ref_tensors.items():
+        torch.testing.assert_close(tensors[k], v, rtol=1e-6, atol=1e-9, msg=k)
+
+
+def _train_cli(args: list[str], *, address: str, env_extra: dict[str, str] | None = None):
+    env = dict(os.environ, RAY_ADDRESS=address, PYTHONPATH="", **(env_extra or {}))
+    return subprocess.run(
+        [sys.executable, "jobs/train.py", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_nan_stops_without_retry_then_resume_finishes_the_run(
+    ray_address, reference, tmp_path, scenes
+):
+    """jobs/train.py with a NaN injected in epoch 2: exit 1, stderr names task and step, the
+    epoch-1 checkpoint is kept, and the deterministic NaN is not retried (no resume logged)
+    although max_failures=1. Then `jobs/train.py --resume <run>` (saved config, no fault)
+    continues from that checkpoint and ends exactly where the uninterrupted run ended."""
+    _, ref_tensors = reference
+    bad_step = STEPS_PER_EPOCH + 3
+    sets = [a for o in overrides(tmp_path, scenes) for a in ("--set", o)]
+    proc = _train_cli(
+        ["--config", "configs/default.yaml", *sets, "--name", "nan"],
+        address=ray_address,
+        env_extra={"MTSAM_FAULT_NAN_STEP": f"{bad_step}:depth"},
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err_line = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(err_line) == 1, proc.stderr[-2000:]
+    assert f"task 'depth' at step {bad_step}" in err_line[0]
+    run_dir = tmp_path / "ray_results" / "nan"
+    kept = checkpoints_by_epoch(run_dir)
+    assert sorted(kept) == [1]
+    assert str(kept[1]) in err_line[0]  # "last good checkpoint: <path>"
+    time.sleep(1.0)  # let the log monitor flush the worker's last lines
+    assert f"resumed from {run_dir}" not in worker_log_text(session_logs())
+
+    proc = _train_cli(["--resume", str(run_dir)], address=ray_address)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "val/semantic/miou" in proc.stdout
+    kept = checkpoints_by_epoch(run_dir)
+    assert max(kept) == EPOCHS
+    assert re.search(
+        rf"resumed from \S*{re.escape(str(run_dir))}\S* after epoch 1",
+        worker_log_text(session_logs()),
+    )
+    tensors = load_train_state(kept[EPOCHS])["trainable"]
+    for k, v in ref_tensors.items():
+        torch.testing.assert_close(tensors[k], v, rtol=1e-6, atol=1e-9, msg=k)
