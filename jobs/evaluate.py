@@ -40,6 +40,13 @@ def _checkpoint_config(ckpt: Path, config: str | None, overrides: list[str], bas
         stored["data"] = load_config(config).to_dict()["data"]
     extra = [f"model.checkpoint={base}"] if base else []
     cfg = build_config(stored, [*overrides, *extra])
+    trained = build_config(state["config"])
+    if (cfg.data.tasks, cfg.data.classes) != (trained.data.tasks, trained.data.classes):
+        raise ValueError(
+            f"checkpoint {ckpt}: trained for tasks {list(trained.data.tasks)} with "
+            f"{trained.data.classes} classes, but the data config has {list(cfg.data.tasks)} "
+            f"with {cfg.data.classes}"
+        )
     return cfg, state
 
 

@@ -250,6 +250,11 @@ def test_corrupt_checkpoint_gives_a_clear_error(reference, tmp_path, capsys):
     assert evaluate_job.main(["--checkpoint", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()
     assert "nowhere: no such folder" in err and "\n" not in err
+    good = str(root / "checkpoint_0002")
+    assert evaluate_job.main(["--checkpoint", good, "--set", "data.num_classes=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained for tasks ['semantic', 'depth', 'normal'] with 6 classes" in err
+    assert "\n" not in err
 
 
 def test_evaluate_cli_reproduces_the_metrics_the_run_reported(reference, tmp_path):

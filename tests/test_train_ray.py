@@ -187,7 +187,8 @@ def test_killed_worker_restarts_from_its_checkpoint(ray_address, reference, tmp_
     assert result.error is None, result.error
     assert result.metrics["epoch"] == EPOCHS
     logs = worker_log_text(session_logs())
-    assert re.search(rf"resumed from \S*{re.escape(str(run_dir))}\S* after epoch 1", logs), (
+    # Normally after epoch 1; after epoch 2 if a loaded machine finished epoch 2 before the kill.
+    assert re.search(rf"resumed from \S*{re.escape(str(run_dir))}\S* after epoch \d", logs), (
         "the restarted worker did not log a resume from this run's checkpoint"
     )
     want, got = val_metrics(ref.metrics), val_metrics(result.metrics)
