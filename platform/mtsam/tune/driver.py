@@ -71,7 +71,7 @@ def trial_driver(sample: dict[str, Any], ctx: SweepContext) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mtsam.train.runner import make_trainer
+    from mtsam.train.runner import make_trainer, outcome_of
 
     logging.getLogger("mtsam").setLevel(logging.INFO)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -95,8 +95,7 @@ def trial_driver(sample: dict[str, Any], ctx: SweepContext) -> None:
         tracking=tracking,
         callbacks=[TuneReportCallback()],
     )
-    result = trainer.fit()
-    error = (result.metrics or {}).get("error")
+    error = outcome_of(trainer.fit()).error
     if error:
         raise RuntimeError(f"trial {trial_id}: {error}")
 
