@@ -98,8 +98,10 @@ def two_nodes(tmp_path):
     head_raylets = set(raylet_pids())
     try:
         start_second_node(tmp_path)
-        second = set(raylet_pids()) - head_raylets
-        assert len(second) == 1
+        deadline = time.time() + 30
+        while not (second := set(raylet_pids()) - head_raylets) and time.time() < deadline:
+            time.sleep(0.5)
+        assert len(second) == 1, raylet_pids()
         yield f"127.0.0.1:{PORT}", second.pop()
     finally:
         ray("stop", "--force", tmp=tmp_path)
