@@ -224,7 +224,8 @@ def test_budget_rejects_before_training(tmp_path, no_stray_ray):
         cwd=tmp_path,
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    rows = [line for line in r.stdout.splitlines() if "REJECTED" in line or "TERMINATED" in line]
+    table = r.stdout.split("optimising")[1]  # our summary, not Tune's progress tables
+    rows = [line for line in table.splitlines() if "REJECTED" in line or "TERMINATED" in line]
     assert sum("REJECTED" in x for x in rows) == 1 and sum("TERMINATED" in x for x in rows) == 3
     # the rejected trial never started a Train run: only 3 train-* folders exist
     assert len(list((out / "ray_results").glob("train-*"))) == 3
