@@ -66,7 +66,7 @@ def sam_checkpoint(path: Path) -> Path:
 
 
 def raylet_pids() -> dict[int, str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True).stdout
     return {
         int(line.split()[0]): line
         for line in out.splitlines()

@@ -73,7 +73,7 @@ def trial_epochs(experiment: Path) -> dict[str, int]:
 
 
 def ray_processes() -> list[str]:
-    r = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True)
+    r = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True)
     return [
         line
         for line in r.stdout.splitlines()
@@ -259,11 +259,11 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, n
         deadline = time.time() + 300
         while time.time() < deadline:
             done = [t for t, e in trial_epochs(exp).items() if e == 2]
-            if done:
+            # kill only once Tune's own snapshot records a finished trial
+            if done and any("TERMINATED" in p.read_text() for p in exp.glob("experiment_state*")):
                 break
             time.sleep(2)
         assert done, "no trial finished before the deadline"
-        time.sleep(3)  # let Tune write its experiment state
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait(timeout=60)

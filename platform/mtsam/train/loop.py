@@ -199,6 +199,7 @@ def fit(
     )
 
     start_epoch, step = 0, 0
+    final_metrics: dict[str, float] = {}
     with ctx.resume_from() as ckpt_dir:
         if ckpt_dir is not None:
             state = load_train_state(ckpt_dir)
@@ -207,6 +208,7 @@ def fit(
             scheduler.load_state_dict(state["scheduler"])
             start_epoch, step = state["epoch"] + 1, state["step"]
             set_rng_state(state["rng"])
+            final_metrics = state["extra"].get("metrics") or {}
             if ctx.is_main:
                 log(f"resumed from {ckpt_dir} after epoch {state['epoch'] + 1}")
 
@@ -225,6 +227,13 @@ def fit(
         if observer is not None:
             observer.on_start(model, counts)
 
+    if start_epoch >= t_cfg.epochs and final_metrics:
+        # A finished run restarted (e.g. a sweep resumed from a snapshot taken just before
+        # the trial ended): report its final metrics again so Tune records the result.
+        if ctx.is_main:
+            log(f"run already complete ({t_cfg.epochs} epochs): reporting its final metrics")
+        ctx.report(dict(final_metrics), None)
+        return dict(final_metrics)
     fault = _fault_step()
     n_trainable = sum(p.numel() for p in params)
     metrics: dict[str, float] = {}
@@ -422,6 +431,7 @@ def _report_epoch(
             epoch=epoch,
             step=step,
             config=cfg.to_dict(),
+            extra={"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
         )
         save_adapter(model, d / "adapter", overwrite=True)
         if observer is not None:
