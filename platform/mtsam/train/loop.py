@@ -12,6 +12,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -325,7 +326,7 @@ def _train_epoch(
             batch = next(it)
             x = batch["image"].to(device, non_blocking=True)
             last = micro == t_cfg.grad_accum - 1
-            sync = net.no_sync() if (ctx.world_size > 1 and not last) else _null()
+            sync = net.no_sync() if (ctx.world_size > 1 and not last) else nullcontext()
             with sync:
                 with autocast_for(device, t_cfg.precision):
                     out = net(x, stacked=t_cfg.stacked)
@@ -476,14 +477,6 @@ def _epoch_line(epoch: int, epochs: int, m: Mapping[str, float]) -> str:
         f"[epoch {epoch + 1}/{epochs}] loss {m.get('train/loss/total', float('nan')):.4f} | "
         f"{val} | {m['train/step_time_s']:.3f} s/step {m['train/images_per_s']:.1f} img/s"
     )
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
