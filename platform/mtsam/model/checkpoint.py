@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mtsam.model.msam import short_keys
+
 if TYPE_CHECKING:
     from mtsam.model.msam import MSAM
 
@@ -105,7 +107,7 @@ def sam_to_msam_state(
     if missing or unexpected:
         raise CheckpointError(
             f"{source} does not fit preset {preset!r}{_guess(sam_state)}: "
-            f"missing keys {_short(missing)}, unexpected keys {_short(sorted(set(unexpected)))}"
+            f"missing keys {short_keys(missing)}, unexpected keys {short_keys(sorted(set(unexpected)))}"
         )
     bad = [k for k, v in mapped.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
@@ -166,10 +168,3 @@ def _sam_name(msam_key: str) -> str:
     if msam_key.startswith(("pe_layer.", "no_mask_embed.")):
         return "prompt_encoder." + msam_key
     return msam_key
-
-
-def _short(keys: list[str], n: int = 5) -> str:
-    if not keys:
-        return "none"
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return "[" + ", ".join(keys[:n]) + "]" + more

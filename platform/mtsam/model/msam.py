@@ -163,7 +163,7 @@ class MSAM(nn.Module):
         if missing or unexpected:
             raise ValueError(
                 f"trainable state{where} does not match the model: "
-                f"missing {_short(missing)}, unexpected {_short(unexpected)}"
+                f"missing {short_keys(missing)}, unexpected {short_keys(unexpected)}"
             )
         bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
         if bad:
@@ -321,7 +321,8 @@ class MSAM(nn.Module):
         return {n: self.postprocess(m, input_size, original) for n, m in low.items()}
 
 
-def _short(keys: Sequence[str], n: int = 5) -> str:
+def short_keys(keys: Sequence[str], n: int = 5) -> str:
+    """'[a, b, c, d, e] (+N more)' for error messages; 'none' when empty."""
     keys = list(keys)
     if not keys:
         return "none"

@@ -346,13 +346,11 @@ def _train_epoch(
             sums["orth_reg"] += extra["orth_reg"].detach().item() / t_cfg.grad_accum
             sums["balance"] += extra["balance"].detach().item() / t_cfg.grad_accum
             images += x.shape[0]
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        with_grad = [p for p in model.parameters() if p.grad is not None]
         norm = (
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.grad is not None], t_cfg.grad_clip
-            )
+            torch.nn.utils.clip_grad_norm_(with_grad, t_cfg.grad_clip)
             if t_cfg.grad_clip
-            else torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+            else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in with_grad]))
         )
         failure = _agree_on_failure(tasks, local_bad, norm, ctx, step)
         if failure:
