@@ -100,8 +100,13 @@ def make_trainer(
     base: tuple[Any, str] | None = None,
     tracking: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
+    metric: str | None = None,
 ):
-    """A ``TorchTrainer`` running :func:`mtsam.train.loop.train_loop_per_worker` for ``cfg``."""
+    """A ``TorchTrainer`` running :func:`mtsam.train.loop.train_loop_per_worker` for ``cfg``.
+
+    Checkpoints are kept by ``metric`` (a sweep's metric; default ``val/delta_m`` when the
+    config has a baseline), so the best epoch's checkpoint and adapter survive retention.
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -111,7 +116,8 @@ def make_trainer(
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
-    metric = "val/delta_m" if cfg.data.baseline else None
+    if metric is None and cfg.data.baseline:
+        metric = "val/delta_m"
     checkpoint_config = ray.train.CheckpointConfig(num_to_keep=2)
     if metric:
         checkpoint_config = ray.train.CheckpointConfig(

@@ -94,6 +94,7 @@ def trial_driver(sample: dict[str, Any], ctx: SweepContext) -> None:
         base=(ctx.base_ref, ctx.base_fingerprint) if ctx.base_ref is not None else None,
         tracking=tracking,
         callbacks=[TuneReportCallback()],
+        metric=ctx.metric,
     )
     error = outcome_of(trainer.fit()).error
     if error:
