@@ -65,11 +65,41 @@ def test_apply_sample_validates():
         apply_sample(base, {"adapter.r1": 0})
 
 
+def _sampled_configs(kind: str, seed: int, num_samples: int = 6) -> list[dict]:
+    """The configurations Tune's own variant generator hands out (no Ray cluster needed)."""
+    from ray.tune.experiment import Experiment
+
+    gen = make_searcher(kind, metric="m", mode="max", seed=seed, max_concurrent=0)
+    space = tune_space(build_config({}, SPACE).tune.space)
+    gen.add_configurations(
+        [Experiment("x", run=lambda config: None, config=space, num_samples=num_samples)]
+    )
+    configs = []
+    while (trial := gen.next_trial()) is not None:
+        configs.append(trial.config)
+    return configs
+
+
+def test_random_search_is_seeded():
+    first, again, other = (_sampled_configs("random", s) for s in (0, 0, 1))
+    # 6 samples x a 2-point grid over adapter.method
+    assert len(first) == 12
+    assert first == again
+    assert first != other
+
+
 def test_searchers_and_schedulers():
-    assert make_searcher("random", metric="m", mode="max", seed=0) is None
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    assert isinstance(make_searcher("optuna", metric="m", mode="max", seed=0), OptunaSearch)
+    gen = make_searcher("random", metric="m", mode="max", seed=0, max_concurrent=3)
+    assert isinstance(gen, BasicVariantGenerator) and gen.max_concurrent == 3
+    optuna = make_searcher("optuna", metric="m", mode="max", seed=0, max_concurrent=2)
+    assert isinstance(optuna, ConcurrencyLimiter) and optuna.max_concurrent == 2
+    assert isinstance(optuna.searcher, OptunaSearch)
+    with pytest.raises(ValueError, match=r"tune\.searcher"):
+        make_searcher("hyperopt", metric="m", mode="max", seed=0, max_concurrent=1)
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     asha = make_scheduler("asha", max_epochs=4, grace_period=1, reduction_factor=2)

@@ -61,15 +61,26 @@ def overrides_of(sample: Mapping[str, Any]) -> dict[str, Any]:
     return plain
 
 
-def make_searcher(kind: str, *, metric: str, mode: str, seed: int):
-    """None (Tune's random / grid variant generator) or Optuna's TPE via Tune's integration."""
+def make_searcher(kind: str, *, metric: str, mode: str, seed: int, max_concurrent: int):
+    """Tune's random / grid variant generator or Optuna's TPE, both seeded by ``seed``.
+
+    Seeding the variant generator makes a random sweep sample the same configurations on every
+    run with the same seed (so two schedulers can be compared on the same trials). Optuna is
+    wrapped in a ``ConcurrencyLimiter``; the variant generator limits concurrency itself.
+    """
     if kind in ("random", "grid"):
-        return None
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=seed)
     if kind == "optuna":
         import optuna
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=seed))
+        searcher = OptunaSearch(
+            metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=seed)
+        )
+        return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
     raise ValueError(f"tune.searcher: unknown {kind!r}")
 
 

@@ -113,7 +113,11 @@ def run(
                 mode=plan.mode,
                 num_samples=t.num_samples,
                 search_alg=make_searcher(
-                    t.searcher, metric=plan.metric, mode=plan.mode, seed=cfg.seed
+                    t.searcher,
+                    metric=plan.metric,
+                    mode=plan.mode,
+                    seed=cfg.seed,
+                    max_concurrent=t.max_concurrent_trials,
                 ),
                 scheduler=make_scheduler(
                     t.scheduler,
@@ -121,7 +125,6 @@ def run(
                     grace_period=t.asha.grace_period,
                     reduction_factor=t.asha.reduction_factor,
                 ),
-                max_concurrent_trials=t.max_concurrent_trials,
             ),
             run_config=ray.tune.RunConfig(name=name, storage_path=storage),
         )
