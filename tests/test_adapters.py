@@ -570,15 +570,22 @@ def test_keep_mask_rate_and_independent_lanes():
     from mtsam.adapters.dropout import keep_mask
 
     torch.manual_seed(0)
-    q = round(0.1 * 32768)
-    m = keep_mask((1000, 2000), q).double()
-    p_keep = 1 - q / 32768
-    assert m.shape == (1000, 2000)
-    lanes = m.view(-1, 2)
-    for lane in (lanes[:, 0], lanes[:, 1]):  # both halves of a random word
-        assert abs(float(lane.mean()) - p_keep) < 2e-3
-    assert abs(float((lanes[:, 0] * lanes[:, 1]).mean()) - p_keep**2) < 2e-3
+    q = round(0.1 * 65536)
+    m = keep_mask((1000, 2000), q, dtype=torch.float64)
+    p_keep = 1 - q / 65536
+    assert m.shape == (1000, 2000) and m.dtype == torch.float64
+    assert set(m.unique().tolist()) == {0.0, 1.0}
+    lanes = m.view(-1, 4)  # the four 16-bit lanes of each random word
+    for i in range(4):
+        assert abs(float(lanes[:, i].mean()) - p_keep) < 2e-3
+        for j in range(i + 1, 4):
+            assert abs(float((lanes[:, i] * lanes[:, j]).mean()) - p_keep**2) < 2e-3
     assert keep_mask((3,), q).shape == (3,)  # odd sizes
+    assert float(keep_mask((10_000,), 0).min()) == 1.0  # q = 0 drops nothing
+    torch.manual_seed(0)
+    assert torch.equal(keep_mask((1000, 2000), q, dtype=torch.float64), m)  # torch's seed fixes it
+    with pytest.raises(ValueError, match="q must be"):
+        keep_mask((3,), 70_000)
 
 
 def test_branch_dropout_modes():
@@ -593,7 +600,7 @@ def test_branch_dropout_modes():
     out, scale = d(x)
     kept = out != 0
     assert torch.equal(out[kept], x[kept]) and scale == pytest.approx(1 / (1 - d.cpu_p))
-    assert abs(d.cpu_p - 0.3) < 2e-5
+    assert abs(d.cpu_p - 0.3) < 1e-5
     assert BranchDropout(0.0).train()(x)[0] is x
     with pytest.raises(ValueError, match="dropout"):
         BranchDropout(1.0)
@@ -611,12 +618,15 @@ def test_dropout_only_on_the_branch_and_rescaled(cls):
     }[cls]
     a = cls(linear64(), T, dropout=0.25, out_slices=((0, 3), (6, 9)), **kwargs).train()
     randomise(a)
-    x = torch.randn(T * 2, 5, D_IN, dtype=torch.float64)
+    x = torch.randn(T * 2, 5, D_IN, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(T * 2, 5, D_OUT, dtype=torch.float64)
+    params = [x, *a.adapter_parameters()]
     torch.manual_seed(4)
     y = a(x)
+    grads = torch.autograd.grad(y, params, g)
     torch.manual_seed(4)
-    mask = keep_mask(x.shape, round(0.25 * 32768))
-    xd = torch.where(mask, x, 0.0) / (1 - a.dropout.cpu_p)
+    mask = keep_mask(x.shape, round(0.25 * 65536), dtype=x.dtype)
+    xd = x * mask / (1 - a.dropout.cpu_p)
     ref = torch.cat(
         [
             xc @ a.base.weight.T + a.base.bias + xdc @ a.delta_weight(t).T
@@ -624,4 +634,7 @@ def test_dropout_only_on_the_branch_and_rescaled(cls):
         ]
     )
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-    assert not mask.all()
+    # the masked input gradient (in place in the projection's backward) and every factor's
+    for got, want in zip(grads, torch.autograd.grad(ref, params, g), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert not mask.bool().all()

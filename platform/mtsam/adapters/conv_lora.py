@@ -198,8 +198,8 @@ class ConvLoRA(AdapterModule):
                 f"Conv-LoRA needs a (N, H, W, C) token map as the linear's input, got shape "
                 f"{tuple(x.shape)}"
             )
-        xd, keep_scale = self.dropout(x)
-        h = (xd @ (self.A.T * keep_scale)).permute(0, 3, 1, 2)  # (N, r, H, W)
+        h, keep_scale = self.dropout.project(x.reshape(-1, self.in_features), self.A.T)
+        h = (h * keep_scale).view(*x.shape[:-1], self.rank).permute(0, 3, 1, 2)  # (N, r, H, W)
         h = self.mix(h).permute(0, 2, 3, 1)
         return h @ (self.B.T * self.scale)
 

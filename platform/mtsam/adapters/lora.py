@@ -146,8 +146,8 @@ class LoRAHPS(AdapterModule):
 
     def low_rank_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same update for every row, any batch layout: h (N*, r), w (d_sel, r)."""
-        xd, keep_scale = self.dropout(x)
-        return xd.reshape(-1, self.in_features) @ self.A.T, self.B * (self.scale * keep_scale)
+        h, keep_scale = self.dropout.project(x.reshape(-1, self.in_features), self.A.T)
+        return h, self.B * (self.scale * keep_scale)
 
     def branch_weight(self, task: int) -> torch.Tensor:
         return self.scale * self.B @ self.A

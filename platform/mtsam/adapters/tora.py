@@ -109,8 +109,8 @@ class ToRATucker(AdapterModule):
     def low_rank_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Factored branch: h = dropout(x) U1 core_t  (N*, R2), w = U2 (d_sel, R2)."""
         n = self.check_task_major(x)
-        xd, keep_scale = self.dropout(x)
-        h = xd.reshape(-1, self.in_features) @ self.U1  # (N*, R1): one GEMM for every task
+        # (N*, R1): one GEMM for every task
+        h, keep_scale = self.dropout.project(x.reshape(-1, self.in_features), self.U1)
         cores = self.cores(self.active_tasks)  # (n_active, R1, R2)
         if keep_scale != 1.0:
             cores = cores * keep_scale
@@ -197,8 +197,8 @@ class ToRACP(AdapterModule):
     def low_rank_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h = dropout(x) A * (s lambda C[t])  (N*, R), w = B (d_sel, R)."""
         n = self.check_task_major(x)
-        xd, keep_scale = self.dropout(x)
-        h = (xd.reshape(-1, self.in_features) @ self.A).view(n, -1, self.rank)  # (n_active, M, R)
+        h, keep_scale = self.dropout.project(x.reshape(-1, self.in_features), self.A)
+        h = h.view(n, -1, self.rank)  # (n_active, M, R)
         h = h * (self.task_scales(self.active_tasks) * keep_scale).unsqueeze(1)
         return h.reshape(-1, self.rank), self.B
 
