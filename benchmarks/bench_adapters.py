@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out", help="plot folder")
     args = ap.parse_args(argv)
-    reps_lin, reps_enc = (4, 2) if args.quick else (21, 5)
+    reps_lin, reps_enc = (4, 2) if args.quick else (41, 5)
     t0 = time.perf_counter()
     print("## Adapters (issue 3)\n")
     print(
