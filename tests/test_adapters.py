@@ -270,6 +270,28 @@ def test_single_expert_has_no_balance_loss():
     assert choice.tolist() == [0, 0, 0, 0] and float(loss) == 0.0
 
 
+def test_conv_lora_dropout_masks_the_branch_input():
+    """One expert (no gate noise): the branch equals dropout(x) A^T -> mix -> B^T by hand, with
+    the mask drawn from the same seed, and so do the gradients of x and A."""
+    from mtsam.adapters.dropout import keep_mask
+
+    a = ConvLoRA(linear64(), T, rank=2, alpha=4.0, num_experts=1, dropout=0.25).double().train()
+    randomise(a)
+    x = torch.randn(3, 4, 4, D_IN, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 4, 4, D_OUT, dtype=torch.float64)
+    torch.manual_seed(7)
+    y = a(x)
+    got = torch.autograd.grad(y, [x, a.A], g)
+    torch.manual_seed(7)
+    xd = x * keep_mask(x.shape, a.dropout._q, dtype=x.dtype) / (1 - a.dropout.cpu_p)
+    h = (xd @ a.A.T).permute(0, 3, 1, 2)
+    mixed = (h + a.experts[0](h)).permute(0, 2, 3, 1)
+    ref = x @ a.base.weight.T + a.base.bias + 2.0 * mixed @ a.B.T
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    for got_g, want_g in zip(got, torch.autograd.grad(ref, [x, a.A], g), strict=True):
+        torch.testing.assert_close(got_g, want_g, rtol=1e-12, atol=1e-12)
+
+
 def _gelu(v):
     return 0.5 * v * (1 + erf(v / np.sqrt(2)))
 

@@ -199,7 +199,9 @@ class ConvLoRA(AdapterModule):
                 f"{tuple(x.shape)}"
             )
         h, keep_scale = self.dropout.project(x.reshape(-1, self.in_features), self.A.T)
-        h = (h * keep_scale).view(*x.shape[:-1], self.rank).permute(0, 3, 1, 2)  # (N, r, H, W)
+        if keep_scale != 1.0:
+            h = h * keep_scale  # (N*, r): small
+        h = h.view(*x.shape[:-1], self.rank).permute(0, 3, 1, 2)  # (N, r, H, W)
         h = self.mix(h).permute(0, 2, 3, 1)
         return h @ (self.B.T * self.scale)
 

@@ -62,7 +62,7 @@ class BranchDropout(nn.Module):
         return _MaskedProjection.apply(x, w, self._cpu_mask(x)), self.cpu_scale
 
     def _mode(self, x: torch.Tensor) -> str:
-        """ "off" (eval, p = 0), "fused" (``F.dropout``, non-CPU devices) or "cpu" (lane mask)."""
+        """Which path: off (eval, p = 0), fused (``F.dropout``, non-CPU) or cpu (lane mask)."""
         if not self.training or self.p == 0.0:
             return "off"
         if x.device.type != "cpu":
