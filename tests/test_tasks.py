@@ -140,6 +140,21 @@ def test_normal_loss_against_numpy():
     assert got.item() == pytest.approx(ref, rel=1e-6)
 
 
+def test_valid_pixels_count_what_each_loss_averages_over():
+    depth = torch.tensor([[[[2.0, 0.0], [4.0, 1.0]]]])
+    assert int(build_task("depth").valid_pixels(depth)) == 3
+    labels = torch.tensor([[[0, -1], [2, -1]], [[1, 1], [-1, 0]]])
+    assert int(build_task("semantic", num_classes=3).valid_pixels(labels)) == 5
+    normals = torch.zeros(1, 3, 2, 2)
+    normals[0, 2, 0, 0] = 1.0
+    normals[0, 0, 1, 1] = -1.0  # a component of -1 still marks a valid normal
+    assert int(build_task("normal").valid_pixels(normals)) == 2
+    # loss x count = the per-pixel sum: the depth case by hand (|1-2| + |5-4| + |1.5-1|)
+    pred = torch.tensor([[[[1.0, 5.0], [5.0, 1.5]]]])
+    task = build_task("depth")
+    assert float(task.loss(pred, depth) * task.valid_pixels(depth)) == pytest.approx(2.5)
+
+
 def test_losses_reject_bad_targets():
     with pytest.raises(TaskInputError, match=r"depth: target must be \(B, 1, H, W\)"):
         build_task("depth").loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2))

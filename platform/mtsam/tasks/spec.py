@@ -63,6 +63,14 @@ class TaskSpec(ABC):
         """Scalar training loss of a batch (0, not NaN, when no pixel is valid)."""
 
     @abstractmethod
+    def valid_pixels(self, target: torch.Tensor) -> torch.Tensor:
+        """The number of pixels :meth:`loss` averages over (its denominator), as a scalar.
+
+        The training loop uses it to weight each worker's and micro-batch's mean so that a
+        step's loss is the mean over every valid pixel of the whole step, whatever the split.
+        """
+
+    @abstractmethod
     def new_accumulator(self) -> MetricAccumulator:
         """A fresh metric accumulator for one split."""
 
@@ -100,6 +108,9 @@ class ClassSegmentationTask(TaskSpec):
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         check_label_target(logits, target, task=self.name, num_classes=self.num_classes)
         return nll_ignore(logits, target.long())
+
+    def valid_pixels(self, target: torch.Tensor) -> torch.Tensor:
+        return (target != IGNORE_INDEX).sum()
 
     def new_accumulator(self) -> MetricAccumulator:
         return ConfusionAccumulator(task=self.name, num_classes=self.num_classes)
@@ -161,6 +172,9 @@ class DepthTask(TaskSpec):
         check_dense_target(logits, target, task=self.name, channels=1)
         return l1_valid(logits, target)
 
+    def valid_pixels(self, target: torch.Tensor) -> torch.Tensor:
+        return depth_valid_mask(target).sum()
+
     def new_accumulator(self) -> MetricAccumulator:
         return DepthAccumulator(task=self.name)
 
@@ -202,6 +216,9 @@ class NormalTask(TaskSpec):
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         check_dense_target(logits, target, task=self.name, channels=3)
         return cosine_valid(logits, target)
+
+    def valid_pixels(self, target: torch.Tensor) -> torch.Tensor:
+        return normal_valid_mask(target).sum()
 
     def new_accumulator(self) -> MetricAccumulator:
         return NormalAccumulator(task=self.name, bin_deg=self.bin_deg)

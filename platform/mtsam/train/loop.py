@@ -322,8 +322,9 @@ def _train_epoch(
     for s in range(steps_per_epoch):
         t0 = time.perf_counter()
         local_bad: list[str] = []
-        for micro in range(t_cfg.grad_accum):
-            batch = next(it)
+        micro_batches = [next(it) for _ in range(t_cfg.grad_accum)]
+        pixel_weights = step_pixel_weights(tasks, micro_batches, ctx)
+        for micro, batch in enumerate(micro_batches):
             x = batch["image"].to(device, non_blocking=True)
             last = micro == t_cfg.grad_accum - 1
             sync = net.no_sync() if (ctx.world_size > 1 and not last) else nullcontext()
@@ -336,13 +337,19 @@ def _train_epoch(
                 }
                 if fault is not None and fault[0] == step and fault[1] in per_task:
                     per_task[fault[1]] = per_task[fault[1]] * float("nan")
-                total = sum(weights[n] * v for n, v in per_task.items()) + extra["total"]
-                (total / t_cfg.grad_accum).backward()
+                # Each task's mean, weighted to its share of the step's valid pixels (over
+                # micro-batches and workers): DDP's average of the workers' gradients is then
+                # the gradient of the mean over every valid pixel of the step.
+                pw = pixel_weights[micro]
+                total = sum(weights[n] * v * pw[n] for n, v in per_task.items())
+                total = total + extra["total"] / t_cfg.grad_accum
+                total.backward()
             for n, v in per_task.items():
-                if not math.isfinite(v.item()):
+                value = v.item()
+                if not math.isfinite(value):
                     local_bad.append(n)
-                sums[n] += v.item() / t_cfg.grad_accum
-            sums["total"] += total.item() / t_cfg.grad_accum
+                sums[n] += value * pw[n]
+            sums["total"] += total.item()
             sums["orth_reg"] += extra["orth_reg"].detach().item() / t_cfg.grad_accum
             sums["balance"] += extra["balance"].detach().item() / t_cfg.grad_accum
             images += x.shape[0]
@@ -384,6 +391,30 @@ def _train_epoch(
         step,
         None,
     )
+
+
+def step_pixel_weights(
+    tasks: Sequence[Any], micro_batches: Sequence[Mapping[str, Any]], ctx: WorkerContext
+) -> list[dict[str, float]]:
+    """Per micro-batch and task: n_local * world_size / N_step, N_step = the task's valid pixels
+    in the whole step (all micro-batches of all workers, one small all-reduce).
+
+    A task loss is a mean over its batch's valid pixels; multiplied by this weight and summed
+    over micro-batches, DDP's mean over workers of the gradients equals the gradient of the
+    mean over all N_step pixels. Equal counts everywhere give 1 / grad_accum (1.0 without
+    accumulation); a task with no valid pixel in the step gets weight 0 (its loss is 0 anyway).
+    """
+    local = torch.tensor(
+        [[float(t.valid_pixels(b[t.name])) for t in tasks] for b in micro_batches],
+        dtype=torch.float64,
+    )
+    totals = local.sum(dim=0)
+    if ctx.world_size > 1 and dist.is_initialized():
+        totals = totals.to(ctx.device) if dist.get_backend() == "nccl" else totals
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    w = local * ctx.world_size / totals.clamp_min(1.0)
+    return [{t.name: float(w[k, i]) for i, t in enumerate(tasks)} for k in range(len(local))]
 
 
 def _agree_on_failure(tasks, local_bad, norm, ctx, step) -> str | None:
