@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ def run(scheduler: str, *, trials: int, epochs: int, grace: int, rf: float, out:
         "data.scenes.num_val=16",
         "tune.space.train.lr={type: loguniform, low: 1.0e-5, high: 3.0e-2}",
     ]
+    shutil.rmtree(out / "ray_results" / name, ignore_errors=True)  # count this run's trials only
     cmd = [sys.executable, str(REPO / "jobs/tune.py"), "--name", name]
     cmd += [a for s in sets for a in ("--set", s)]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
@@ -94,7 +96,9 @@ def main() -> None:
     print(
         "| config | FIFO epochs | FIFO best | ASHA epochs | ASHA best |\n|---|---:|---:|---:|---:|"
     )
-    for key, (f_ep, f_best) in sorted(fifo["trials"].items(), key=lambda kv: -(kv[1][1] or -1e9)):
+    for key, (f_ep, f_best) in sorted(
+        fifo["trials"].items(), key=lambda kv: float("inf") if kv[1][1] is None else -kv[1][1]
+    ):
         a_ep, a_best = asha["trials"].get(key, (0, None))
         print(f"| {_short(key)} | {f_ep} | {_fmt(f_best)} | {a_ep} | {_fmt(a_best)} |")
 

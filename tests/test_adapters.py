@@ -610,6 +610,32 @@ def test_keep_mask_rate_and_independent_lanes():
         keep_mask((3,), 70_000)
 
 
+def test_masked_projection_gradients_each_input_alone_and_under_autocast():
+    from mtsam.adapters.dropout import BranchDropout, keep_mask
+
+    d = BranchDropout(0.25).train()
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6, 3, dtype=torch.float64)
+    torch.manual_seed(0)
+    mask = keep_mask(x.shape, d._q, dtype=x.dtype)
+    want_x, want_w = torch.autograd.grad((x * mask) @ w * d.cpu_scale, [x, w], g)
+    for inputs, wrt, want in (((x.detach(), w), w, want_w), ((x, w.detach()), x, want_x)):
+        torch.manual_seed(0)
+        h, scale = d.project(*inputs)
+        torch.testing.assert_close(torch.autograd.grad(h * scale, wrt, g)[0], want)
+    torch.manual_seed(0)
+    h, _ = d.project(x, w)
+    (gw,) = torch.autograd.grad(h.pow(2).sum(), [w], create_graph=True)
+    with pytest.raises(RuntimeError):  # once differentiable: no silently wrong 2nd derivative
+        torch.autograd.grad(gw.sum(), [x])
+    xf, wf = torch.randn(6, 5, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hb, _ = d.project(xf, wf)
+    hb.float().sum().backward()
+    assert xf.grad.shape == xf.shape and wf.grad.shape == wf.shape
+
+
 def test_branch_dropout_modes():
     from mtsam.adapters.dropout import BranchDropout
 

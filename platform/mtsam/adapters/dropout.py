@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 _LANES = 65536  # 16-bit lanes
 
@@ -74,15 +75,25 @@ class BranchDropout(nn.Module):
 
 
 class _MaskedProjection(torch.autograd.Function):
-    """(x * mask) @ w, whose backward masks the input gradient in place (one buffer)."""
+    """(x * mask) @ w, whose backward masks the input gradient in place (one buffer).
+
+    Runs in the dtype it is given under CPU autocast (custom_fwd / custom_bwd), and is
+    differentiable once (a second derivative raises instead of being silently wrong).
+    """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         xd = x * mask
-        ctx.save_for_backward(xd, w, mask)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(
+            xd if need_w else None, w if need_x else None, mask if need_x else None
+        )
         return xd @ w
 
     @staticmethod
+    @once_differentiable
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad: torch.Tensor):
         xd, w, mask = ctx.saved_tensors
         gx = (grad @ w.T).mul_(mask) if ctx.needs_input_grad[0] else None
@@ -99,8 +110,8 @@ def keep_mask(
     four uniform int16 lanes each; a lane u in [-2^15, 2^15) is dropped when u + 2^15 < q, a
     single scalar compare written straight into the float mask.
     """
-    if not 0 <= q <= _LANES:
-        raise ValueError(f"q must be in [0, {_LANES}], got {q}")
+    if not 0 <= q < _LANES:
+        raise ValueError(f"q must be in [0, {_LANES}), got {q}")
     n = 1
     for s in shape:
         n *= int(s)

@@ -318,6 +318,7 @@ def _train_epoch(
     device = ctx.device
     sums = {t.name: 0.0 for t in tasks} | {"total": 0.0, "orth_reg": 0.0, "balance": 0.0}
     n_steps, images, busy = 0, 0, 0.0
+    local_loss = 0.0  # this worker's own mean loss, for the progress line only
     it = iter(loader)
     for s in range(steps_per_epoch):
         t0 = time.perf_counter()
@@ -350,6 +351,9 @@ def _train_epoch(
                     local_bad.append(n)
                 sums[n] += value * pw[n]
             sums["total"] += total.item()
+            local_loss += (
+                sum(weights[n] * v.item() for n, v in per_task.items()) + extra["total"].item()
+            ) / t_cfg.grad_accum
             sums["orth_reg"] += extra["orth_reg"].detach().item() / t_cfg.grad_accum
             sums["balance"] += extra["balance"].detach().item() / t_cfg.grad_accum
             images += x.shape[0]
@@ -374,7 +378,7 @@ def _train_epoch(
         if ctx.is_main and t_cfg.log_every and (s + 1) % t_cfg.log_every == 0:
             log(
                 f"  epoch {epoch + 1} step {s + 1}/{steps_per_epoch} "
-                f"loss {sums['total'] / n_steps:.4f} {dt:.3f} s/step "
+                f"loss {local_loss / n_steps:.4f} {dt:.3f} s/step "
                 f"{x.shape[0] * t_cfg.grad_accum * ctx.world_size / dt:.1f} img/s"
             )
     timed = max(1, n_steps - 1) if steps_per_epoch > 1 else 1
