@@ -80,7 +80,6 @@ class AdapterModule(nn.Module, ABC):
         self.dropout = BranchDropout(dropout)
 
     @classmethod
-    @abstractmethod
     def from_spec(
         cls,
         base: nn.Linear,
@@ -90,6 +89,14 @@ class AdapterModule(nn.Module, ABC):
         out_slices: Sequence[tuple[int, int]] | None = None,
     ) -> AdapterModule:
         """Build this method's adapter around ``base`` with the sizes in ``spec``."""
+        return cls(
+            base, num_tasks, out_slices=out_slices, dropout=spec.dropout, **cls.spec_kwargs(spec)
+        )
+
+    @classmethod
+    @abstractmethod
+    def spec_kwargs(cls, spec: AdapterSpec) -> dict[str, object]:
+        """This method's own constructor arguments taken from ``spec`` (sizes, scaling)."""
 
     @classmethod
     @abstractmethod

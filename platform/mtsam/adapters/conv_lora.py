@@ -157,23 +157,8 @@ class ConvLoRA(AdapterModule):
         self.last_choice: torch.Tensor | None = None
 
     @classmethod
-    def from_spec(
-        cls,
-        base: nn.Linear,
-        spec: AdapterSpec,
-        num_tasks: int,
-        *,
-        out_slices: Sequence[tuple[int, int]] | None = None,
-    ) -> ConvLoRA:
-        return cls(
-            base,
-            num_tasks,
-            rank=spec.rank,
-            alpha=spec.alpha,
-            num_experts=spec.conv_experts,
-            dropout=spec.dropout,
-            out_slices=out_slices,
-        )
+    def spec_kwargs(cls, spec: AdapterSpec) -> dict[str, object]:
+        return {"rank": spec.rank, "alpha": spec.alpha, "num_experts": spec.conv_experts}
 
     @classmethod
     def count_for(cls, spec: AdapterSpec, *, d_in: int, d_out: int, num_tasks: int) -> int:

@@ -54,22 +54,8 @@ class LoRASTL(AdapterModule):
         self.B = nn.Parameter(w.new_zeros(num_tasks, self.adapted_out_features, self.rank))
 
     @classmethod
-    def from_spec(
-        cls,
-        base: nn.Linear,
-        spec: AdapterSpec,
-        num_tasks: int,
-        *,
-        out_slices: Sequence[tuple[int, int]] | None = None,
-    ) -> LoRASTL:
-        return cls(
-            base,
-            num_tasks,
-            rank=spec.rank,
-            alpha=spec.alpha,
-            dropout=spec.dropout,
-            out_slices=out_slices,
-        )
+    def spec_kwargs(cls, spec: AdapterSpec) -> dict[str, object]:
+        return {"rank": spec.rank, "alpha": spec.alpha}
 
     @classmethod
     def count_for(cls, spec: AdapterSpec, *, d_in: int, d_out: int, num_tasks: int) -> int:
@@ -123,22 +109,8 @@ class LoRAHPS(AdapterModule):
         self.B = nn.Parameter(base.weight.new_zeros(self.adapted_out_features, self.rank))
 
     @classmethod
-    def from_spec(
-        cls,
-        base: nn.Linear,
-        spec: AdapterSpec,
-        num_tasks: int,
-        *,
-        out_slices: Sequence[tuple[int, int]] | None = None,
-    ) -> LoRAHPS:
-        return cls(
-            base,
-            num_tasks,
-            rank=spec.rank,
-            alpha=spec.alpha,
-            dropout=spec.dropout,
-            out_slices=out_slices,
-        )
+    def spec_kwargs(cls, spec: AdapterSpec) -> dict[str, object]:
+        return {"rank": spec.rank, "alpha": spec.alpha}
 
     @classmethod
     def count_for(cls, spec: AdapterSpec, *, d_in: int, d_out: int, num_tasks: int) -> int:

@@ -80,22 +80,8 @@ class ToRATucker(AdapterModule):
         self.G = nn.Parameter(torch.zeros(r1, r2, r3, **kw))
 
     @classmethod
-    def from_spec(
-        cls,
-        base: nn.Linear,
-        spec: AdapterSpec,
-        num_tasks: int,
-        *,
-        out_slices: Sequence[tuple[int, int]] | None = None,
-    ) -> ToRATucker:
-        return cls(
-            base,
-            num_tasks,
-            ranks=(spec.r1, spec.r2, spec.r3),
-            scaling=spec.scaling,
-            dropout=spec.dropout,
-            out_slices=out_slices,
-        )
+    def spec_kwargs(cls, spec: AdapterSpec) -> dict[str, object]:
+        return {"ranks": (spec.r1, spec.r2, spec.r3), "scaling": spec.scaling}
 
     @classmethod
     def count_for(cls, spec: AdapterSpec, *, d_in: int, d_out: int, num_tasks: int) -> int:
@@ -168,22 +154,8 @@ class ToRACP(AdapterModule):
         self.weights = nn.Parameter(torch.zeros(self.rank, **kw))
 
     @classmethod
-    def from_spec(
-        cls,
-        base: nn.Linear,
-        spec: AdapterSpec,
-        num_tasks: int,
-        *,
-        out_slices: Sequence[tuple[int, int]] | None = None,
-    ) -> ToRACP:
-        return cls(
-            base,
-            num_tasks,
-            rank=spec.rank,
-            scaling=spec.scaling,
-            dropout=spec.dropout,
-            out_slices=out_slices,
-        )
+    def spec_kwargs(cls, spec: AdapterSpec) -> dict[str, object]:
+        return {"rank": spec.rank, "scaling": spec.scaling}
 
     @classmethod
     def count_for(cls, spec: AdapterSpec, *, d_in: int, d_out: int, num_tasks: int) -> int:
