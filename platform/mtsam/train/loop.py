@@ -345,14 +345,13 @@ def _train_epoch(
                 total = sum(weights[n] * v * pw[n] for n, v in per_task.items())
                 total = total + extra["total"] / t_cfg.grad_accum
                 total.backward()
-            for n, v in per_task.items():
-                value = v.item()
-                if not math.isfinite(value):
-                    local_bad.append(n)
+            values = {n: v.item() for n, v in per_task.items()}
+            local_bad += [n for n, value in values.items() if not math.isfinite(value)]
+            for n, value in values.items():
                 sums[n] += value * pw[n]
             sums["total"] += total.item()
             local_loss += (
-                sum(weights[n] * v.item() for n, v in per_task.items()) + extra["total"].item()
+                sum(weights[n] * value for n, value in values.items()) + extra["total"].item()
             ) / t_cfg.grad_accum
             sums["orth_reg"] += extra["orth_reg"].detach().item() / t_cfg.grad_accum
             sums["balance"] += extra["balance"].detach().item() / t_cfg.grad_accum
