@@ -24,6 +24,8 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from ray.util.state import get_log, list_logs  # noqa: E402
+
 from mtsam.config import load_config  # noqa: E402
 from mtsam.train import runner  # noqa: E402
 from mtsam.train.state import load_train_state  # noqa: E402
@@ -97,15 +99,14 @@ def checkpoints_by_epoch(run_dir: Path) -> dict[int, Path]:
     return out
 
 
-def worker_log_text(ray_session_logs: Path) -> str:
-    return "".join(
-        p.read_text(errors="replace") for p in sorted(ray_session_logs.glob("worker-*.out"))
+def worker_log_text() -> str:
+    """Every Ray worker's stdout on this (single) node so far, read through Ray's state API."""
+    node_id = ray.get_runtime_context().get_node_id()
+    groups = list_logs(node_id=node_id, glob_filter="worker-*.out")
+    names = sorted({name for files in groups.values() for name in files})
+    return "\n".join(
+        line for name in names for line in get_log(node_id=node_id, filename=name, errors="replace")
     )
-
-
-def session_logs() -> Path:
-    node = ray._private.worker.global_worker.node
-    return Path(node.get_session_dir_path()) / "logs"
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,7 @@ def test_killed_worker_restarts_from_its_checkpoint(ray_address, reference, tmp_
     result = box["result"]
     assert result.error is None, result.error
     assert result.metrics["epoch"] == EPOCHS
-    logs = worker_log_text(session_logs())
+    logs = worker_log_text()
     # Normally after epoch 1; after epoch 2 if a loaded machine finished epoch 2 before the kill.
     assert re.search(rf"resumed from \S*{re.escape(str(run_dir))}\S* after epoch \d", logs), (
         "the restarted worker did not log a resume from this run's checkpoint"
@@ -235,7 +236,7 @@ def test_cli_nan_stops_without_retry_then_resume_finishes_the_run(
     assert sorted(kept) == [1]
     assert str(kept[1]) in err_line[0]  # "last good checkpoint: <path>"
     time.sleep(1.0)  # let the log monitor flush the worker's last lines
-    assert f"resumed from {run_dir}" not in worker_log_text(session_logs())
+    assert f"resumed from {run_dir}" not in worker_log_text()
 
     proc = _train_cli(["--resume", str(run_dir)], address=ray_address)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -244,7 +245,7 @@ def test_cli_nan_stops_without_retry_then_resume_finishes_the_run(
     assert max(kept) == EPOCHS
     assert re.search(
         rf"resumed from \S*{re.escape(str(run_dir))}\S* after epoch 1",
-        worker_log_text(session_logs()),
+        worker_log_text(),
     )
     tensors = load_train_state(kept[EPOCHS])["trainable"]
     for k, v in ref_tensors.items():
