@@ -22,7 +22,6 @@ The experts are non-linear, so the update is not a weight: :meth:`merge` raises.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -30,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtsam.adapters.base import AdapterModule
-from mtsam.adapters.lora import lora_count
+from mtsam.adapters.lora import LoRABase, lora_count
 
 if TYPE_CHECKING:
     from mtsam.adapters.spec import AdapterSpec
@@ -112,7 +110,7 @@ class ConvExpert(nn.Module):
         return h
 
 
-class ConvLoRA(AdapterModule):
+class ConvLoRA(LoRABase):
     """LoRA (rank r, scale alpha / r) with M convolutional experts in its bottleneck.
 
     Args:
@@ -139,16 +137,11 @@ class ConvLoRA(AdapterModule):
         balance_coef: float = 1e-2,
         out_slices: Sequence[tuple[int, int]] | None = None,
     ) -> None:
-        super().__init__(base, num_tasks, out_slices=out_slices, dropout=dropout)
-        self.rank = int(rank)
-        self.scale = float(alpha) / self.rank
+        super().__init__(
+            base, num_tasks, rank=rank, alpha=alpha, dropout=dropout, out_slices=out_slices
+        )
         self.balance_coef = float(balance_coef)
         w = base.weight
-        self.A = nn.Parameter(
-            torch.empty(self.rank, self.in_features, device=w.device, dtype=w.dtype)
-        )
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.B = nn.Parameter(w.new_zeros(self.adapted_out_features, self.rank))
         self.gate = NoisyTop1Gate(self.rank, num_experts).to(w.device, w.dtype)
         self.experts = nn.ModuleList(
             ConvExpert(self.rank, scale=i + 1).to(w.device, w.dtype) for i in range(num_experts)
@@ -158,7 +151,7 @@ class ConvLoRA(AdapterModule):
 
     @classmethod
     def spec_kwargs(cls, spec: AdapterSpec) -> dict[str, object]:
-        return {"rank": spec.rank, "alpha": spec.alpha, "num_experts": spec.conv_experts}
+        return {**super().spec_kwargs(spec), "num_experts": spec.conv_experts}
 
     @classmethod
     def count_for(cls, spec: AdapterSpec, *, d_in: int, d_out: int, num_tasks: int) -> int:
@@ -205,8 +198,7 @@ class ConvLoRA(AdapterModule):
         return self.branch_weight(task)  # always raises
 
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
-        yield self.A
-        yield self.B
+        yield from super().adapter_parameters()  # A, B
         yield from self.gate.parameters()
         yield from self.experts.parameters()
 

@@ -1,6 +1,6 @@
 """The LoRA baselines: one LoRA per task (STL) and one LoRA shared by all tasks (HPS).
 
-Each LoRA is dW = (alpha / r) * B A with A (r, d_in) kaiming-uniform(a = sqrt 5) and
+Both (and Conv-LoRA) build on :class:`LoRABase`. Each LoRA is dW = (alpha / r) * B A with A (r, d_in) kaiming-uniform(a = sqrt 5) and
 B (d_sel, r) = 0, so the update is zero at the start (PEFT's / the LoRA paper's init).
 """
 
@@ -24,14 +24,15 @@ def lora_count(d_in: int, d_out: int, rank: int) -> int:
     return rank * (d_in + d_out)
 
 
-def _kaiming_a(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    a = torch.empty(rows, cols, device=like.device, dtype=like.dtype)
-    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-    return a
+class LoRABase(AdapterModule):
+    """What the LoRA methods share: rank r, scale alpha / r, and the factors A, B.
 
+    A is kaiming-uniform(a = sqrt 5) and B = 0, one pair per task when ``per_task_factors``
+    (A (T, r, d_in), B (T, d_sel, r); fan_in d_in for each A[t], as for a lone LoRA), else one
+    pair for all tasks (A (r, d_in), B (d_sel, r)). Subclasses define the forward.
+    """
 
-class LoRASTL(AdapterModule):
-    """One LoRA per task: A (T, r, d_in), B (T, d_sel, r); task t's update (alpha/r) B[t] A[t]."""
+    per_task_factors: bool = False
 
     def __init__(
         self,
@@ -47,15 +48,30 @@ class LoRASTL(AdapterModule):
         self.rank = int(rank)
         self.scale = float(alpha) / self.rank
         w = base.weight
-        # Per-task kaiming init: fan_in is d_in for each A[t], as for a lone LoRA.
-        self.A = nn.Parameter(
-            torch.stack([_kaiming_a(self.rank, self.in_features, w) for _ in range(num_tasks)])
-        )
-        self.B = nn.Parameter(w.new_zeros(num_tasks, self.adapted_out_features, self.rank))
+        lead = (num_tasks,) if self.per_task_factors else ()
+        a = torch.empty(*lead, self.rank, self.in_features, device=w.device, dtype=w.dtype)
+        for a_t in a if self.per_task_factors else [a]:
+            nn.init.kaiming_uniform_(a_t, a=math.sqrt(5))
+        self.A = nn.Parameter(a)
+        self.B = nn.Parameter(w.new_zeros(*lead, self.adapted_out_features, self.rank))
 
     @classmethod
     def spec_kwargs(cls, spec: AdapterSpec) -> dict[str, object]:
         return {"rank": spec.rank, "alpha": spec.alpha}
+
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        yield from (self.A, self.B)
+
+    def extra_repr(self) -> str:
+        return (
+            f"rank={self.rank}, scale={self.scale}, tasks={self.num_tasks}, rows={self.out_slices}"
+        )
+
+
+class LoRASTL(LoRABase):
+    """One LoRA per task: A (T, r, d_in), B (T, d_sel, r); task t's update (alpha/r) B[t] A[t]."""
+
+    per_task_factors = True
 
     @classmethod
     def count_for(cls, spec: AdapterSpec, *, d_in: int, d_out: int, num_tasks: int) -> int:
@@ -75,42 +91,14 @@ class LoRASTL(AdapterModule):
     def branch_weight(self, task: int) -> torch.Tensor:
         return self.scale * self.B[task] @ self.A[task]
 
-    def adapter_parameters(self) -> Iterator[nn.Parameter]:
-        yield from (self.A, self.B)
-
     def num_parameters_formula(self) -> int:
         return self.num_tasks * lora_count(self.in_features, self.adapted_out_features, self.rank)
 
-    def extra_repr(self) -> str:
-        return (
-            f"rank={self.rank}, scale={self.scale}, tasks={self.num_tasks}, rows={self.out_slices}"
-        )
 
-
-class LoRAHPS(AdapterModule):
+class LoRAHPS(LoRABase):
     """One LoRA shared by every task (hard parameter sharing): A (r, d_in), B (d_sel, r)."""
 
     task_specific = False
-
-    def __init__(
-        self,
-        base: nn.Linear,
-        num_tasks: int,
-        *,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        out_slices: Sequence[tuple[int, int]] | None = None,
-    ) -> None:
-        super().__init__(base, num_tasks, out_slices=out_slices, dropout=dropout)
-        self.rank = int(rank)
-        self.scale = float(alpha) / self.rank
-        self.A = nn.Parameter(_kaiming_a(self.rank, self.in_features, base.weight))
-        self.B = nn.Parameter(base.weight.new_zeros(self.adapted_out_features, self.rank))
-
-    @classmethod
-    def spec_kwargs(cls, spec: AdapterSpec) -> dict[str, object]:
-        return {"rank": spec.rank, "alpha": spec.alpha}
 
     @classmethod
     def count_for(cls, spec: AdapterSpec, *, d_in: int, d_out: int, num_tasks: int) -> int:
@@ -123,9 +111,6 @@ class LoRAHPS(AdapterModule):
 
     def branch_weight(self, task: int) -> torch.Tensor:
         return self.scale * self.B @ self.A
-
-    def adapter_parameters(self) -> Iterator[nn.Parameter]:
-        yield from (self.A, self.B)
 
     def num_parameters_formula(self) -> int:
         return lora_count(self.in_features, self.adapted_out_features, self.rank)
