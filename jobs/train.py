@@ -15,26 +15,19 @@ import time
 from pathlib import Path
 
 import _bootstrap  # noqa: F401  (puts this checkout's platform/ on sys.path)
-from mtsam.cli import add_config_args, fail, load_cli_config, metrics_table
+from mtsam.cli import add_config_args, add_run_args, fail, metrics_table, run_config_and_place
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_config_args(ap)
-    ap.add_argument("--name", help="run name (default: train-<config name>)")
-    ap.add_argument("--resume", metavar="RUN_PATH", help="continue the run stored at RUN_PATH")
+    add_run_args(ap, what="run", default_name="train-<config name>")
     args = ap.parse_args(argv)
 
     from mtsam.train import runner
 
     try:
-        if args.resume:
-            run_path = Path(args.resume).resolve()
-            cfg = load_cli_config(runner.resume_config_path(run_path), args.set)
-            name, storage = run_path.name, str(run_path.parent)
-        else:
-            cfg = load_cli_config(args.config, args.set)
-            name, storage = args.name or f"train-{cfg.name}", runner.storage_path(cfg)
+        cfg, name, storage = run_config_and_place(args, lambda c: f"train-{c.name}")
         runner.prepare_data(cfg)
     except (ValueError, FileNotFoundError) as e:
         return fail(e)

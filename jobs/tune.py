@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import _bootstrap  # noqa: F401  (puts this checkout's platform/ on sys.path)
-from mtsam.cli import add_config_args, fail, load_cli_config
+from mtsam.cli import add_config_args, add_run_args, fail, run_config_and_place
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
 
@@ -26,22 +26,16 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_config_args(ap, default=DEFAULT_CONFIG)
-    ap.add_argument("--name", help="sweep name (default: sweep-<config name>-<time>)")
-    ap.add_argument("--resume", metavar="SWEEP_PATH", help="continue an interrupted sweep")
+    add_run_args(ap, what="sweep", default_name="sweep-<config name>-<time>")
     args = ap.parse_args(argv)
 
     from mtsam.train import runner
     from mtsam.tune import sweep
 
     try:
-        if args.resume:
-            path = Path(args.resume).resolve()
-            cfg = load_cli_config(runner.resume_config_path(path), args.set)
-            name, storage = path.name, str(path.parent)
-        else:
-            cfg = load_cli_config(args.config, args.set)
-            name = args.name or f"sweep-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            storage = runner.storage_path(cfg)
+        cfg, name, storage = run_config_and_place(
+            args, lambda c: f"sweep-{c.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
         plan = sweep.plan(cfg)
         runner.prepare_data(cfg)
     except (ValueError, FileNotFoundError) as e:

@@ -175,3 +175,28 @@ def test_bad_space_fails_before_anything_runs(tmp_path):
     assert last.startswith("config error: ") and "default.yaml" in last
     assert "tune.space.adapter.r9: no such config key" in last
     assert not out.exists()
+
+
+@pytest.mark.parametrize("job", ["train.py", "tune.py"])
+def test_resume_of_a_folder_that_is_no_run_fails_in_one_line(job, tmp_path):
+    """`--resume` on a folder without the saved config: exit 2, one line naming the folder and
+    the missing file; nothing is written into the folder."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    folder = tmp_path / "not-a-run"
+    folder.mkdir()
+    r = subprocess.run(
+        [sys.executable, str(repo / "jobs" / job), "--resume", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith(f"error: --resume {folder}: no mtsam_config.yaml there")
+    assert list(folder.iterdir()) == []

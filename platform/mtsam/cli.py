@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from mtsam.config import ExperimentConfig, load_config
@@ -28,6 +29,30 @@ def add_config_args(ap: argparse.ArgumentParser, *, default: str | None = None) 
 
 def load_cli_config(path: str | None, overrides: Sequence[str]) -> ExperimentConfig:
     return load_config(path, overrides)
+
+
+def add_run_args(ap: argparse.ArgumentParser, *, what: str, default_name: str) -> None:
+    """``--name`` and ``--resume`` for a job that writes one folder under the storage path."""
+    ap.add_argument("--name", help=f"{what} name (default: {default_name})")
+    ap.add_argument(
+        "--resume",
+        metavar="PATH",
+        help=f"continue the {what} stored at PATH",
+    )
+
+
+def run_config_and_place(
+    args: argparse.Namespace, default_name: Callable[[ExperimentConfig], str]
+) -> tuple[ExperimentConfig, str, str]:
+    """(config, run name, storage path): a new run's, or those of the run at ``--resume``."""
+    from mtsam.train import runner
+
+    if args.resume:
+        path = Path(args.resume).resolve()
+        cfg = load_cli_config(runner.resume_config_path(path), args.set)
+        return cfg, path.name, str(path.parent)
+    cfg = load_cli_config(args.config, args.set)
+    return cfg, args.name or default_name(cfg), runner.storage_path(cfg)
 
 
 def fail(error: BaseException, code: int = 2) -> int:
