@@ -100,12 +100,16 @@ def checkpoints_by_epoch(run_dir: Path) -> dict[int, Path]:
 
 
 def worker_log_text() -> str:
-    """Every Ray worker's stdout on this (single) node so far, read through Ray's state API."""
+    """Every Ray worker's stdout on this (single) node so far, read through Ray's state API.
+
+    ``get_log`` streams raw chunks (not lines): each file's bytes are joined, then decoded.
+    """
     node_id = ray.get_runtime_context().get_node_id()
     groups = list_logs(node_id=node_id, glob_filter="worker-*.out")
     names = sorted({name for files in groups.values() for name in files})
     return "\n".join(
-        line for name in names for line in get_log(node_id=node_id, filename=name, errors="replace")
+        b"".join(get_log(node_id=node_id, filename=name, encoding=None)).decode(errors="replace")
+        for name in names
     )
 
 

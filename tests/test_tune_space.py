@@ -1,4 +1,5 @@
-"""Search-space parsing, sample application and the parameter budget (no Ray cluster needed)."""
+"""Search-space parsing, sample application, the parameter budget, and the jobs' start-up
+errors (no Ray cluster needed)."""
 
 from __future__ import annotations
 
@@ -180,7 +181,7 @@ def test_bad_space_fails_before_anything_runs(tmp_path):
 @pytest.mark.parametrize("job", ["train.py", "tune.py"])
 def test_resume_of_a_folder_that_is_no_run_fails_in_one_line(job, tmp_path):
     """`--resume` on a folder without the saved config: exit 2, one line naming the folder and
-    the missing file; nothing is written into the folder."""
+    the missing file and both jobs; nothing is written into the folder."""
     import subprocess
     import sys
     from pathlib import Path
@@ -198,5 +199,6 @@ def test_resume_of_a_folder_that_is_no_run_fails_in_one_line(job, tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr[-2000:]
-    assert lines[0].startswith(f"error: --resume {folder}: no mtsam_config.yaml there")
+    assert lines[0].startswith(f"error: --resume {folder.resolve()}: no mtsam_config.yaml there")
+    assert "jobs/train.py or jobs/tune.py" in lines[0]
     assert list(folder.iterdir()) == []

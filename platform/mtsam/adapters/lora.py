@@ -1,7 +1,8 @@
 """The LoRA baselines: one LoRA per task (STL) and one LoRA shared by all tasks (HPS).
 
-Both (and Conv-LoRA) build on :class:`LoRABase`. Each LoRA is dW = (alpha / r) * B A with A (r, d_in) kaiming-uniform(a = sqrt 5) and
-B (d_sel, r) = 0, so the update is zero at the start (PEFT's / the LoRA paper's init).
+Both (and Conv-LoRA) build on :class:`LoRABase`. Each LoRA is dW = (alpha / r) * B A with
+A (r, d_in) kaiming-uniform(a = sqrt 5) and B (d_sel, r) = 0, so the update is zero at the
+start (PEFT's / the LoRA paper's init).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ class LoRABase(AdapterModule):
 
     A is kaiming-uniform(a = sqrt 5) and B = 0, one pair per task when ``per_task_factors``
     (A (T, r, d_in), B (T, d_sel, r); fan_in d_in for each A[t], as for a lone LoRA), else one
-    pair for all tasks (A (r, d_in), B (d_sel, r)). Subclasses define the forward.
+    pair for all tasks (A (r, d_in), B (d_sel, r)); a subclass with shared factors also sets
+    ``task_specific = False``. Subclasses define the branch (``low_rank_parts`` or ``branch``),
+    ``branch_weight`` and the parameter counts.
     """
 
     per_task_factors: bool = False

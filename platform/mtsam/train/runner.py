@@ -190,6 +190,7 @@ def resume_config_path(run_path: Path) -> str:
     path = run_path / RUN_CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(
-            f"--resume {run_path}: no {RUN_CONFIG_FILE} there (not a folder written by jobs/train.py or jobs/tune.py?)"
+            f"--resume {run_path}: no {RUN_CONFIG_FILE} there "
+            "(not a folder written by jobs/train.py or jobs/tune.py?)"
         )
     return str(path)
