@@ -3,10 +3,10 @@
 Runs the same 16-trial random search twice through jobs/tune.py (same seed, so the same
 sampled configs: checked), once with FIFO and once with ASHA, and reads what each trial reported
 from Tune's own result.json files. Goal: ASHA's best delta_m within noise of FIFO's at no more
-than half the trial-epochs. ASHA's defaults here are the platform's own (``tune.asha``:
-grace period 1, reduction factor 2). Training is seeded, so a trial that both schedulers run to the end reaches the
-same delta_m in both; a per-trial table shows which trials ASHA stopped and what they would
-have reached.
+than half the trial-epochs. ASHA's defaults here are the platform's own (``tune.asha``: grace
+period 1, reduction factor 2). Training is seeded, so a trial that both schedulers run to the
+end reaches the same delta_m in both; a per-trial table shows which trials ASHA stopped and
+what they would have reached.
 
     .venv/bin/python benchmarks/bench_tune.py [--trials 16] [--epochs 8] [--reduction-factor 2]
 """
@@ -60,7 +60,8 @@ def run(scheduler: str, *, trials: int, epochs: int, grace: int, rf: float, out:
         epochs_run = max((int(x.get("epoch", 0)) for x in rows), default=0)
         trial_best = max((x["val/delta_m"] for x in rows if "val/delta_m" in x), default=None)
         spent += epochs_run
-        best = max(best, trial_best if trial_best is not None else best)
+        if trial_best is not None:
+            best = max(best, trial_best)
         sample = json.loads((trial_dir / "params.json").read_text())
         trials_seen[json.dumps(sample, sort_keys=True)] = (epochs_run, trial_best)
     return {"best_delta_m": best, "trial_epochs": spent, "wall_s": wall, "trials": trials_seen}

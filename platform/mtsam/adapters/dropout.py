@@ -8,9 +8,10 @@ touches, so its dropout is a visible part of an adapter's cost on CPU. Savings:
 - on CPU the keep-mask comes from raw 64-bit random words, four 16-bit lanes per word, drawn
   by numpy's SFC64 generator seeded from torch's global RNG (so ``torch.manual_seed`` still
   fixes every mask): the whole 2.4 M-entry mask of the ViT-B benchmark takes 1.7 ms against
-  4.2 ms with torch's ``random_`` lanes (which were already cheaper than ``bernoulli_``). The drop probability is then p rounded to a multiple of 2^-16
-  (|error| <= 7.7e-6; 0.1 becomes 0.100006); the rescale uses that rounded value, so the
-  branch stays unbiased. Other devices use ``F.dropout`` (fused there) with the exact p;
+  4.2 ms with torch's ``random_`` lanes (which were already cheaper than ``bernoulli_``).
+  The drop probability is then p rounded to a multiple of 2^-16 (|error| <= 7.7e-6; 0.1
+  becomes 0.100006); the rescale uses that rounded value, so the branch stays unbiased.
+  Other devices use ``F.dropout`` (fused there) with the exact p;
 - the lanes are compared straight into a float 0/1 mask, applied as a plain multiply (several
   times cheaper on CPU than ``where`` or a multiply by a bool tensor);
 - :meth:`BranchDropout.project` (dropout, then a down-projection, the start of every low-rank

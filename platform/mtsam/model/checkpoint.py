@@ -107,7 +107,8 @@ def sam_to_msam_state(
     if missing or unexpected:
         raise CheckpointError(
             f"{source} does not fit preset {preset!r}{_guess(sam_state)}: "
-            f"missing keys {short_keys(missing)}, unexpected keys {short_keys(sorted(set(unexpected)))}"
+            f"missing keys {short_keys(missing)}, "
+            f"unexpected keys {short_keys(sorted(set(unexpected)))}"
         )
     bad = [k for k, v in mapped.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
