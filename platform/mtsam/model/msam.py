@@ -249,7 +249,7 @@ class MSAM(nn.Module):
             x = x + enc.pos_embed
         for blk in enc.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = activation_checkpoint(blk, x, use_reentrant=False)
+                x = activation_checkpoint(_with_current_routing(blk), x, use_reentrant=False)
             else:
                 x = blk(x)
         return enc.neck(x.permute(0, 3, 1, 2))
@@ -319,6 +319,24 @@ class MSAM(nn.Module):
         x, input_size = self.preprocess(images)
         low = self.forward_low_res(x, stacked=stacked)
         return {n: self.postprocess(m, input_size, original) for n, m in low.items()}
+
+
+def _with_current_routing(block: nn.Module):
+    """``block`` as a function that first restores the task routing its adapters have now.
+
+    Activation checkpointing runs a block again during backward, when the adapters may route
+    other tasks (the task-at-a-time path has moved on to the last task by then): the recompute
+    must see the tasks of the original forward, or it rebuilds the activations, and the
+    gradients, with another task's update.
+    """
+    routes = [(a, a.active_tasks) for a in adapters_of(block)]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        for adapter, tasks in routes:
+            adapter.set_active_tasks(tasks)
+        return block(x)
+
+    return run
 
 
 def short_keys(keys: Sequence[str], n: int = 5) -> str:
