@@ -570,6 +570,30 @@ def test_augmented_maps_stay_consistent(tmp_path):
     assert len(seen_scales) > 1 and seen_flips == {True, False}
 
 
+def test_cityscapes_zoom_brings_the_scene_closer(tmp_path):
+    """CityScapes stores inverse depth: a zoom by s makes metric depth z into z / s, so the
+    stored disparity 1 / z must become s / z (NYUv2's metric depth is divided, above)."""
+    write_npy_layout(tmp_path, n=4, num_classes=7, with_normal=False)
+    for i in range(4):
+        label = np.load(tmp_path / f"train/label/{i}.npy").astype(np.int64)
+        disparity = np.where(label >= 0, 1.0 / (label + 2.0), 0.0)[..., None]
+        np.save(tmp_path / f"train/depth/{i}.npy", disparity.astype(np.float32))
+    ds = CityScapes(tmp_path, "train", augment=True, seed=5)
+    seen_scales = set()
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        for i in range(4):
+            s = ds[i]
+            scale = draw_params(sample_rng(5, epoch, i), height=H, width=W).scale
+            seen_scales.add(scale)
+            label = s["semantic"].numpy()
+            valid = label >= 0
+            metric_depth = (label[valid] + 2.0) / scale
+            np.testing.assert_allclose(s["depth"].numpy()[0][valid], 1.0 / metric_depth, rtol=1e-6)
+            assert (s["depth"].numpy()[0][~valid] == 0).all()
+    assert len(seen_scales) > 1
+
+
 def test_augmentation_depends_only_on_seed_epoch_index(tmp_path):
     write_npy_layout(tmp_path, n=3)
     a = NYUv2(tmp_path, "train", augment=True, seed=7)

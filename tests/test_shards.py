@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mtsam.data import (
+    CityScapes,
     DatasetError,
     NYUv2,
     ShardDataset,
@@ -113,6 +114,25 @@ def test_scenes_round_trip_and_augmented_reading(tmp_path):
     reader.set_epoch(3)
     shard.set_epoch(3)
     assert_same_samples(reader, shard)
+
+
+def test_cityscapes_shards_augment_like_the_reader(tmp_path):
+    """Shards remember the benchmark, so augmented CityScapes shards scale disparity as the
+    CityScapes reader does (up with the zoom, not down like NYUv2's depth)."""
+    write_nyuv2(tmp_path / "src", n=4)  # labels 0..12 and a depth folder: CityScapes-19 reads them
+    src = CityScapes(tmp_path / "src", "train", num_classes=19)
+    write_shards(
+        tmp_path / "out",
+        {"train": SplitSource(fingerprint=dataset_fingerprint(src), open=lambda: src)},
+        dataset="cityscapes",
+    )
+    reader = CityScapes(tmp_path / "src", "train", num_classes=19, augment=True, seed=4)
+    shard = ShardDataset(tmp_path / "out", "train", augment=True, seed=4)
+    assert shard.inverse_depth
+    for epoch in range(3):
+        reader.set_epoch(epoch)
+        shard.set_epoch(epoch)
+        assert_same_samples(reader, shard)
 
 
 def test_rerun_is_noop_and_changed_input_rewrites(tmp_path):

@@ -58,6 +58,8 @@ class DenseDataset(Dataset):
     """
 
     available_tasks: tuple[str, ...] = ()
+    # True when the "depth" maps hold inverse depth (disparity): the zoom multiplies them.
+    inverse_depth: bool = False
 
     def __init__(self, *, tasks: Sequence[str], augment: bool, seed: int, source: str) -> None:
         self.tasks = check_tasks(tasks, self.available_tasks, source=source)
@@ -97,7 +99,8 @@ class DenseDataset(Dataset):
         if self.augment:
             height, width = sample["image"].shape[-2:]
             rng = sample_rng(self.seed, self.epoch, int(index))
-            sample = apply_augment(sample, draw_params(rng, height=height, width=width))
+            params = draw_params(rng, height=height, width=width)
+            sample = apply_augment(sample, params, inverse_depth=self.inverse_depth)
         return sample
 
     def validate_all(self, progress: Callable[[int, int], None] | None = None) -> int:

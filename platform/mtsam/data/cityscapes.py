@@ -16,11 +16,12 @@ class CityScapes(NpyLayoutDataset):
 
     The label folder is ``label_dir`` when given, else ``label`` if it exists (LibMTL), else
     ``label_{num_classes}`` (MTAN's ``label_7`` / ``label_19``). Depth is returned as stored
-    (the benchmark stores inverse depth; 0 = invalid); augmentation divides it by the zoom
-    factor like the authors' loader does.
+    (the benchmark stores inverse depth; 0 = invalid); augmentation multiplies it by the zoom
+    factor (see :mod:`mtsam.data.transforms`; MTAN's loader divides it, as for metric depth).
     """
 
     available_tasks = CITYSCAPES_TASKS
+    inverse_depth = True
 
     def __init__(
         self,

@@ -18,6 +18,12 @@ DATASET_TASKS: dict[str, tuple[str, ...]] = {
     "pascal_context": PASCAL_TASKS,
     "scenes": NYUV2_TASKS,
 }
+READERS: dict[str, type[DenseDataset]] = {
+    "nyuv2": NYUv2,
+    "cityscapes": CityScapes,
+    "pascal_context": PascalContext,
+    "scenes": NYUv2,  # generated scenes are written in NYUv2's layout
+}
 DEFAULT_NUM_CLASSES: dict[str, int | None] = {
     "nyuv2": 13,
     "cityscapes": 7,
@@ -55,9 +61,4 @@ def open_dataset(
         num_classes = info.num_classes
     classes = DEFAULT_NUM_CLASSES[name] if num_classes is None else num_classes
     assert classes is not None
-    common = {"tasks": chosen, "num_classes": classes, "augment": augment, "seed": seed}
-    if name in ("nyuv2", "scenes"):
-        return NYUv2(root, split, **common)
-    if name == "cityscapes":
-        return CityScapes(root, split, **common)
-    return PascalContext(root, split, **common)
+    return READERS[name](root, split, tasks=chosen, num_classes=classes, augment=augment, seed=seed)

@@ -12,6 +12,7 @@ import torch
 
 from mtsam.data.base import DenseDataset, Sample
 from mtsam.data.errors import DatasetError
+from mtsam.data.registry import READERS
 from mtsam.data.shards import SHAPE_SUFFIX, decode_row, load_manifest
 
 
@@ -37,6 +38,8 @@ class ShardDataset(DenseDataset):
         manifest = load_manifest(self.root, splits=[split], verify=verify)
         self.available_tasks = tuple(manifest["tasks"])
         self.dataset_name = manifest["dataset"]
+        reader = READERS.get(self.dataset_name)
+        self.inverse_depth = reader is not None and reader.inverse_depth
         chosen = self.available_tasks if tasks is None else tasks
         super().__init__(tasks=chosen, augment=augment, seed=seed, source=str(self.root / split))
         self.columns = {k: manifest["columns"][k] for k in ("image", *self.tasks)}

@@ -4,10 +4,12 @@ Random scale-crop: a scale ``s`` is drawn from ``SCALES``; a window of ``int(H /
 at a random offset is cropped and resized back to ``H x W`` (the same as upsampling by ``s`` and
 cropping ``H x W``). As in the authors' code the image is resized bilinearly with
 ``align_corners=True``, labels and depth with nearest neighbour, and depth is divided by ``s``
-(the zoom imitates a camera ``s`` times closer). Normals are resized with nearest neighbour too
-(the authors use bilinear without re-normalising): nearest keeps every vector unit length and
-keeps invalid (all-zero) normals from bleeding into valid ones, so the normal and depth validity
-masks stay identical. Nearest neighbour here means source index ``(i * h) // H`` (PyTorch's
+(the zoom imitates a camera ``s`` times closer). Inverse depth (CityScapes' disparity) is
+multiplied by ``s`` instead, the same camera model; MTAN's CityScapes loader divides it as
+well, which would make a zoomed scene look farther away. Normals are resized with nearest
+neighbour too (the authors use bilinear without re-normalising): nearest keeps every vector
+unit length and keeps invalid (all-zero) normals from bleeding into valid ones, so the normal
+and depth validity masks stay identical. Nearest neighbour here means source index ``(i * h) // H`` (PyTorch's
 legacy ``"nearest"``), computed in integers so it is exact.
 
 Horizontal flip with probability 0.5 mirrors every map and negates the normals' x-component
@@ -85,9 +87,17 @@ def resize_bilinear(x: torch.Tensor, size: tuple[int, int], *, align_corners: bo
 
 
 def scale_crop(
-    sample: dict[str, torch.Tensor], *, scale: float, top: int, left: int
+    sample: dict[str, torch.Tensor],
+    *,
+    scale: float,
+    top: int,
+    left: int,
+    inverse_depth: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Crop the ``crop_size`` window at ``(top, left)`` from every map and resize it back."""
+    """Crop the ``crop_size`` window at ``(top, left)`` from every map and resize it back.
+
+    Depth is divided by ``scale``; with ``inverse_depth`` (disparity) it is multiplied.
+    """
     height, width = sample["image"].shape[-2:]
     h, w = crop_size(height, width, scale)
     if (h, w) == (height, width):
@@ -100,7 +110,8 @@ def scale_crop(
         if key == "image":
             out[key] = resize_bilinear(window, (height, width), align_corners=True)
         elif key == "depth":
-            out[key] = resize_nearest(window, (height, width)) / scale
+            depth = resize_nearest(window, (height, width))
+            out[key] = depth * scale if inverse_depth else depth / scale
         else:
             out[key] = resize_nearest(window, (height, width))
     return out
@@ -119,7 +130,11 @@ def hflip(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def augment(sample: dict[str, torch.Tensor], params: AugmentParams) -> dict[str, torch.Tensor]:
+def augment(
+    sample: dict[str, torch.Tensor], params: AugmentParams, *, inverse_depth: bool = False
+) -> dict[str, torch.Tensor]:
     """Scale-crop then (maybe) flip, as in the authors' data loader."""
-    out = scale_crop(sample, scale=params.scale, top=params.top, left=params.left)
+    out = scale_crop(
+        sample, scale=params.scale, top=params.top, left=params.left, inverse_depth=inverse_depth
+    )
     return hflip(out) if params.flip else out
