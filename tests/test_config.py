@@ -101,6 +101,14 @@ BAD = [
     ({}, ["model.base_dtype=bfloat16"], r"use_gpu"),
     ({}, ["data.dataset=nyuv2"], r"data\.root"),
     ({}, ["data.baseline.depth.abs_err=0"], r"data\.baseline\.depth\.abs_err"),
+    (
+        {},
+        ["data.baseline.semantic.mIoU=0.3"],
+        r"data\.baseline\.semantic\.mIoU: semantic reports no metric 'mIoU'.*'miou'",
+    ),
+    ({}, ["data.baseline.semantic.miou=55.0"], r"data\.baseline\.semantic\.miou = 55\.0.*frac"),
+    ({}, ["data.baseline.normal.within_30=-0.5"], r"within_30 = -0\.5.*fraction"),
+    ({}, ["tune.metric=val/semantic/mIoU"], r"tune\.metric = 'val/semantic/mIoU'.*'miou'"),
     ({}, ["adapter.dropout=1.5"], r"adapter\.dropout = 1\.5"),
 ]
 

@@ -86,6 +86,26 @@ def test_directions_and_metric_mode():
         metric_mode("val/depth/miou", specs)
 
 
+def test_fraction_metrics_are_fractions():
+    """FRACTIONS (what a baseline may not give in percent) names metrics that compute() keeps in
+    [0, 1]; random predictions put the other metrics (degrees, errors) well above 1."""
+    gen = torch.Generator().manual_seed(0)
+    normal = F.normalize(torch.randn(2, 3, 8, 8, generator=gen), dim=1)
+    targets = {
+        "semantic": torch.randint(0, 4, (2, 8, 8), generator=gen),
+        "saliency": torch.randint(0, 2, (2, 8, 8), generator=gen),
+        "depth": 0.1 + 0.1 * torch.rand(2, 1, 8, 8, generator=gen),  # errors >> 1 below
+        "normal": normal,
+    }
+    for spec in build_tasks(list(targets), num_classes=4):
+        assert set(spec.directions) >= spec.FRACTIONS, spec.name
+        acc = spec.new_accumulator()
+        acc.update(10 * torch.randn(2, spec.channels, 8, 8, generator=gen), targets[spec.name])
+        got = acc.compute()
+        assert all(0 <= got[m] <= 1 for m in spec.FRACTIONS), (spec.name, got)
+        assert all(got[m] > 1 for m in set(got) - spec.FRACTIONS), (spec.name, got)
+
+
 # ---------------------------------------------------------------- losses
 
 

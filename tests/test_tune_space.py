@@ -145,8 +145,8 @@ def test_plan_checks_metric_and_baseline():
     ):
         plan(build_config({}))
     assert plan(build_config({}, ["tune.metric=val/depth/abs_err"])).mode == "min"
-    with pytest.raises(ValueError, match=r"task 'depth' has metrics"):
-        plan(build_config({}, ["tune.metric=val/depth/miou"]))
+    with pytest.raises(ValueError, match=r"tune\.metric = 'val/depth/miou': depth reports no"):
+        build_config({}, ["tune.metric=val/depth/miou"])  # before any plan
 
 
 def test_bad_space_fails_before_anything_runs(tmp_path):

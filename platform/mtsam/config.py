@@ -130,7 +130,8 @@ class DataConfig(_Section):
     scenes: ScenesConfig = Field(default_factory=ScenesConfig, description="Generated scenes.")
     baseline: dict[str, dict[str, float]] = Field(
         default_factory=dict,
-        description="Single-task baseline {task: {metric: value}} for delta_m (percent).",
+        description="Single-task baseline {task: {metric: value}} for delta_m, in the units "
+        "the metrics are logged in (fractions such as miou 0.42, not percent).",
     )
 
     @model_validator(mode="after")
@@ -148,14 +149,10 @@ class DataConfig(_Section):
             raise ValueError(f"data.num_classes = {self.num_classes}: cityscapes has 7 or 19")
         if self.dataset not in ("scenes",) and self.root is None:
             raise ValueError(f"data.root: dataset {self.dataset!r} needs a local folder path")
-        for task, metrics in self.baseline.items():
-            if task not in self.tasks:
-                raise ValueError(f"data.baseline.{task}: not one of data.tasks {list(self.tasks)}")
-            for m, v in metrics.items():
-                if not math.isfinite(v) or v == 0:
-                    raise ValueError(
-                        f"data.baseline.{task}.{m} = {v}: expected a finite non-zero value"
-                    )
+        if self.baseline:
+            from mtsam.tasks.registry import check_baseline  # the task specs import torch
+
+            check_baseline(self.baseline, self.tasks)
         return self
 
     @property
@@ -363,6 +360,14 @@ def _check_metric_name(metric: str, tasks: Iterable[str]) -> None:
         raise ValueError(
             f"tune.metric = {metric!r}: expected 'val/delta_m' or 'val/<task>/<metric>' "
             f"with a task in {list(tasks)}"
+        )
+    from mtsam.tasks.registry import task_metric_directions  # the task specs import torch
+
+    known = list(task_metric_directions([parts[1]])[parts[1]])
+    if parts[2] not in known:
+        raise ValueError(
+            f"tune.metric = {metric!r}: {parts[1]} reports no metric {parts[2]!r}; "
+            f"expected one of {known}"
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
@@ -91,6 +92,31 @@ def task_metric_directions(tasks: Iterable[TaskSpec | str]) -> dict[str, dict[st
             _lookup(t, _SPEC_CLASSES)
             out[t] = dict(_SPEC_CLASSES[t].DIRECTIONS)
     return out
+
+
+def check_baseline(baseline: Mapping[str, Mapping[str, float]], tasks: Iterable[str]) -> None:
+    """Raise ValueError naming ``data.baseline.<task>.<metric>`` for a task not in ``tasks``, a
+    metric the task does not report, a value that is 0 or not finite, or a fraction metric
+    (mIoU, accuracy, ...) given in percent."""
+    tasks = list(tasks)
+    for task, metrics in baseline.items():
+        if task not in tasks:
+            raise ValueError(f"data.baseline.{task}: not one of data.tasks {tasks}")
+        _lookup(task, _SPEC_CLASSES)
+        spec = _SPEC_CLASSES[task]
+        known = [m for m, _ in spec.DIRECTIONS]
+        for m, v in metrics.items():
+            field = f"data.baseline.{task}.{m}"
+            if m not in known:
+                raise ValueError(
+                    f"{field}: {task} reports no metric {m!r}; expected one of {known}"
+                )
+            if not math.isfinite(v) or v == 0:
+                raise ValueError(f"{field} = {v}: expected a finite non-zero value")
+            if m in spec.FRACTIONS and not 0 < v <= 1:
+                raise ValueError(
+                    f"{field} = {v}: expected a fraction in (0, 1] (metrics are not in percent)"
+                )
 
 
 def metric_mode(key: str, tasks: Iterable[TaskSpec | str]) -> Literal["max", "min"]:

@@ -41,6 +41,8 @@ class TaskSpec(ABC):
 
     #: (metric, higher_is_better) for every metric ``compute()`` returns, in that order.
     DIRECTIONS: ClassVar[Directions] = ()
+    #: The metrics that are fractions in [0, 1] (not percent).
+    FRACTIONS: ClassVar[frozenset[str]] = frozenset()
     #: Name of the output activation (for logs and adapter descriptions).
     ACTIVATION: ClassVar[str] = "identity"
 
@@ -92,6 +94,7 @@ class ClassSegmentationTask(TaskSpec):
     num_classes: int = 2
 
     DIRECTIONS: ClassVar[Directions] = (("miou", True), ("pixel_acc", True))
+    FRACTIONS: ClassVar[frozenset[str]] = frozenset({"miou", "pixel_acc"})
     ACTIVATION: ClassVar[str] = "log_softmax"
 
     def __post_init__(self) -> None:
@@ -134,6 +137,7 @@ class SaliencyTask(ClassSegmentationTask):
     beta2: float = 0.3
 
     DIRECTIONS: ClassVar[Directions] = (("maxf", True), ("miou", True))
+    FRACTIONS: ClassVar[frozenset[str]] = frozenset({"maxf", "miou"})
 
     def __post_init__(self) -> None:
         if self.num_classes != 2:
@@ -204,6 +208,7 @@ class NormalTask(TaskSpec):
         ("within_22_5", True),
         ("within_30", True),
     )
+    FRACTIONS: ClassVar[frozenset[str]] = frozenset({"within_11_25", "within_22_5", "within_30"})
     ACTIVATION: ClassVar[str] = "l2_normalize"
 
     @property
