@@ -1,7 +1,7 @@
 """One fine-tuning run of mSAM on Ray Train.
 
     python jobs/train.py --config configs/default.yaml [--set train.epochs=2 ...]
-    python jobs/train.py --resume outputs/ray_results/train-default    # continue a stopped run
+    python jobs/train.py --resume outputs/ray_results/train-default-20261123-120000  # continue
 
 Connects to a running Ray cluster (RAY_ADDRESS, or automatically inside `ray job submit`),
 else starts a local one. Prints the final per-task metrics and where the checkpoint is.
@@ -21,13 +21,16 @@ from mtsam.cli import add_config_args, add_run_args, fail, metrics_table, run_co
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_config_args(ap)
-    add_run_args(ap, what="run", default_name="train-<config name>")
+    add_run_args(ap, what="run", default_name="train-<config name>-<time>")
     args = ap.parse_args(argv)
 
     from mtsam.train import runner
 
     try:
-        cfg, name, storage = run_config_and_place(args, lambda c: f"train-{c.name}")
+        cfg, name, storage = run_config_and_place(
+            args, lambda c: f"train-{c.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        base_weights = runner.read_base_weights(cfg)  # checked before Ray starts
         runner.prepare_data(cfg)
     except (ValueError, FileNotFoundError) as e:
         return fail(e)
@@ -41,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             tracking = tracking_for_run(cfg, run_name=name, storage=storage)
         except ValueError as e:
             return fail(e)
-    base = runner.put_base_weights(cfg.model.checkpoint)
+    base = runner.put_base_weights(base_weights)
+    del base_weights  # the object store holds them now
     if base is not None:
         print(f"base weights of {cfg.model.checkpoint} put in the object store ({base[1]})")
     trainer = runner.make_trainer(cfg, name=name, storage=storage, base=base, tracking=tracking)

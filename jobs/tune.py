@@ -37,13 +37,21 @@ def main(argv: list[str] | None = None) -> int:
             args, lambda c: f"sweep-{c.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
         plan = sweep.plan(cfg)
+        base_weights = runner.read_base_weights(cfg)  # checked before Ray starts
         runner.prepare_data(cfg)
     except (ValueError, FileNotFoundError) as e:
         return fail(e)
 
     runner.init_ray()
     try:
-        report = sweep.run(cfg, plan, name=name, storage=storage, resume=bool(args.resume))
+        report = sweep.run(
+            cfg,
+            plan,
+            name=name,
+            storage=storage,
+            resume=bool(args.resume),
+            base_weights=base_weights,
+        )
     except ValueError as e:  # bad tracking URI and other start-up checks: nothing ran
         return fail(e)
     except sweep.SweepError as e:

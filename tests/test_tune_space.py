@@ -202,3 +202,83 @@ def test_resume_of_a_folder_that_is_no_run_fails_in_one_line(job, tmp_path):
     assert lines[0].startswith(f"error: --resume {folder.resolve()}: no mtsam_config.yaml there")
     assert "jobs/train.py or jobs/tune.py" in lines[0]
     assert list(folder.iterdir()) == []
+
+
+def _refusal_case(case: str, tmp_path):
+    """(extra CLI args, what the one-line error must contain, a check that nothing changed)."""
+    import torch
+
+    out = tmp_path / "out"
+    if case == "existing name":
+        run = out / "ray_results" / "r1"
+        run.mkdir(parents=True)
+        (run / "keep.txt").write_text("old run")
+        return (
+            ["--set", f"output_dir={out}", "--name", "r1"],
+            f"--name r1: {run} already exists; pass --resume",
+            lambda: sorted(p.name for p in run.iterdir()) == ["keep.txt"],
+        )
+    if case == "resume with name":
+        run = out / "ray_results" / "r1"
+        run.mkdir(parents=True)
+        (run / "mtsam_config.yaml").write_text("{}\n")
+        return (
+            ["--resume", str(run), "--name", "r2"],
+            "--resume takes the config and name of the run it continues; drop --name",
+            lambda: (
+                sorted(p.name for p in out.rglob("*")) == ["mtsam_config.yaml", "r1", "ray_results"]
+            ),
+        )
+    if case == "name with a slash":
+        return (
+            ["--set", f"output_dir={out}", "--name", "../escape"],
+            "--name '../escape': expected a plain folder name",
+            lambda: not out.exists() and not (tmp_path / "escape").exists(),
+        )
+    ckpt = tmp_path / "sam.pth"
+    if case == "truncated checkpoint":
+        torch.save({"image_encoder.pos_embed": torch.zeros(1, 4, 4, 64)}, ckpt)
+        ckpt.write_bytes(ckpt.read_bytes()[:100])
+        expect = f"checkpoint {ckpt}: not a readable torch state"
+    else:  # a readable state dict that is not the preset's
+        torch.save({"image_encoder.pos_embed": torch.zeros(1, 4, 4, 64)}, ckpt)
+        expect = f"model.checkpoint {ckpt} does not fit preset 'tiny'"
+    return (
+        ["--set", f"output_dir={out}", "--set", f"model.checkpoint={ckpt}"],
+        expect,
+        lambda: not out.exists(),
+    )
+
+
+@pytest.mark.parametrize("job", ["train.py", "tune.py"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "existing name",
+        "resume with name",
+        "name with a slash",
+        "truncated checkpoint",
+        "checkpoint of no preset",
+    ],
+)
+def test_bad_start_fails_in_one_line_before_ray(job, case, tmp_path):
+    """A run never reuses a folder (Ray would silently continue or mix into it), and a bad base
+    checkpoint is refused in the driver: exit 2, one line, no Ray started, nothing written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    args, expect, unchanged = _refusal_case(case, tmp_path)
+    r = subprocess.run(
+        [sys.executable, str(repo / "jobs" / job), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], r.stderr[-2000:]
+    assert "Ray" not in r.stdout + r.stderr
+    assert unchanged()

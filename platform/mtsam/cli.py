@@ -13,11 +13,14 @@ from mtsam.config import ExperimentConfig, load_config
 
 
 def add_config_args(ap: argparse.ArgumentParser, *, default: str | None = None) -> None:
+    """``--config`` and ``--set``; ``args.config`` stays None unless given (so it can conflict
+    with ``--resume``), ``args.default_config`` holds ``default``."""
     ap.add_argument(
         "--config",
-        default=default,
+        default=None,
         help=f"experiment YAML (default: {default or 'built-in defaults'})",
     )
+    ap.set_defaults(default_config=default)
     ap.add_argument(
         "--set",
         action="append",
@@ -44,15 +47,34 @@ def add_run_args(ap: argparse.ArgumentParser, *, what: str, default_name: str) -
 def run_config_and_place(
     args: argparse.Namespace, default_name: Callable[[ExperimentConfig], str]
 ) -> tuple[ExperimentConfig, str, str]:
-    """(config, run name, storage path): a new run's, or those of the run at ``--resume``."""
+    """(config, run name, storage path): a new run's, or those of the run at ``--resume``.
+
+    A new run never reuses a folder: Ray would silently continue (or mix into) the run that is
+    there, with the new config written over the one it was trained with.
+    """
     from mtsam.train import runner
 
     if args.resume:
+        if args.config or args.name:
+            given = "--config" if args.config else "--name"
+            raise ValueError(
+                f"--resume takes the config and name of the run it continues; drop {given} "
+                "(use --set to change values)"
+            )
         path = Path(args.resume).resolve()
         cfg = load_cli_config(runner.resume_config_path(path), args.set)
         return cfg, path.name, str(path.parent)
-    cfg = load_cli_config(args.config, args.set)
-    return cfg, args.name or default_name(cfg), runner.storage_path(cfg)
+    cfg = load_cli_config(args.config or args.default_config, args.set)
+    name = args.name or default_name(cfg)
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"--name {name!r}: expected a plain folder name (no '/')")
+    storage = runner.storage_path(cfg)
+    if "://" not in storage and (Path(storage) / name).exists():
+        raise ValueError(
+            f"--name {name}: {Path(storage) / name} already exists; pass --resume with that "
+            "path to continue it, or choose another --name"
+        )
+    return cfg, name, storage
 
 
 def fail(error: BaseException, code: int = 2) -> int:

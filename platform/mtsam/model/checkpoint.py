@@ -147,6 +147,20 @@ def load_sam_checkpoint(model: MSAM, path: str | Path) -> None:
     )
 
 
+def check_fits_preset(sam_state: Mapping[str, torch.Tensor], preset: str, *, source: str) -> None:
+    """Raise :class:`CheckpointError` unless ``sam_state`` loads into mSAM of ``preset``.
+
+    The same strict key and shape check as loading, against a model built on the meta device
+    (no memory, no weights), so a driver can refuse a wrong file before any worker starts.
+    """
+    from mtsam.model.msam import MSAM
+    from mtsam.model.presets import get_preset
+
+    with torch.device("meta"):
+        model = MSAM(get_preset(preset), [("task", 1)])
+    sam_to_msam_state(dict(sam_state), model, source=source)
+
+
 def _guess(sam_state: dict[str, torch.Tensor]) -> str:
     """', it looks like a <preset> checkpoint' from the encoder's width and depth, if known."""
     from mtsam.model.presets import PRESETS

@@ -51,20 +51,33 @@ def init_ray(*, num_cpus: int | None = None, log=print) -> str:
     return what
 
 
-def put_base_weights(checkpoint: str | None) -> tuple[Any, str] | None:
-    """Read a SAM checkpoint once and put it into Ray's object store.
+def read_base_weights(cfg: ExperimentConfig) -> tuple[dict[str, Any], str] | None:
+    """(state dict, fingerprint) of ``model.checkpoint``, checked against ``model.preset``.
+
+    Runs in the driver before Ray starts: a missing, corrupt or wrong-preset file is one
+    :class:`~mtsam.model.checkpoint.CheckpointError` naming the file, not a worker traceback.
+    """
+    path = cfg.model.checkpoint
+    if path is None:
+        return None
+    from mtsam.model.checkpoint import check_fits_preset, file_fingerprint, read_state_dict
+
+    state = read_state_dict(path)
+    check_fits_preset(state, cfg.model.preset, source=f"model.checkpoint {path}")
+    return state, file_fingerprint(path)
+
+
+def put_base_weights(base: tuple[dict[str, Any], str] | None) -> tuple[Any, str] | None:
+    """Put the base weights read by :func:`read_base_weights` into Ray's object store.
 
     Workers ``ray.get`` the reference: the tensors cross to each node once and are shared by
     every worker and trial there, instead of every trial reading the file again.
     """
-    if checkpoint is None:
+    if base is None:
         return None
     import ray
 
-    from mtsam.model.checkpoint import file_fingerprint, read_state_dict
-
-    state = read_state_dict(checkpoint)
-    return ray.put(state), file_fingerprint(checkpoint)
+    return ray.put(base[0]), base[1]
 
 
 def storage_path(cfg: ExperimentConfig) -> str:

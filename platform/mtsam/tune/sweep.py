@@ -51,8 +51,15 @@ class SweepReport:
 
 
 def run(
-    cfg: ExperimentConfig, plan: Plan, *, name: str, storage: str, resume: bool = False
+    cfg: ExperimentConfig,
+    plan: Plan,
+    *,
+    name: str,
+    storage: str,
+    resume: bool = False,
+    base_weights: tuple[dict[str, Any], str] | None = None,
 ) -> SweepReport:
+    """Run (or ``resume``) the sweep; ``base_weights`` from :func:`runner.read_base_weights`."""
     import ray.tune
 
     from mtsam.train import runner
@@ -78,7 +85,7 @@ def run(
         except TrackingError as e:
             raise ValueError(f"tracking.uri: {e}") from None
 
-    base = runner.put_base_weights(cfg.model.checkpoint)
+    base = runner.put_base_weights(base_weights)
     ctx = SweepContext(
         base_config=cfg.to_dict(),
         storage=storage,
