@@ -17,7 +17,7 @@ from segment_anything.modeling import (
 )
 
 from mtsam.adapters.spec import AdapterSpec
-from mtsam.model.checkpoint import CheckpointError
+from mtsam.model.checkpoint import CheckpointError, check_fits_preset, read_state_dict
 from mtsam.model.msam import build_msam
 from mtsam.model.presets import PRESETS, get_preset, tiny
 
@@ -265,6 +265,18 @@ def test_checkpoint_of_another_preset(tmp_path, sam_tiny_ckpt):
         match=r"sam_tiny\.pth does not fit preset 'vit_b' \(it looks like a 'tiny' checkpoint\)",
     ):
         build_msam("vit_b", NYU, checkpoint=path)
+
+
+def test_preset_check_without_building_the_model(sam_tiny_ckpt):
+    """The driver's pre-flight check (a meta-device model): the same verdicts as loading."""
+    _, path = sam_tiny_ckpt
+    state = read_state_dict(path)
+    check_fits_preset(state, "tiny", source="x.pth")  # segment-anything's tiny Sam fits
+    with pytest.raises(CheckpointError, match=r"x\.pth does not fit preset 'vit_h' \(it looks"):
+        check_fits_preset(state, "vit_h", source="x.pth")
+    del state["mask_decoder.iou_token.weight"]
+    with pytest.raises(CheckpointError, match=r"missing keys \[mask_decoder\.iou_token\.weight\]"):
+        check_fits_preset(state, "tiny", source="x.pth")
 
 
 def test_truncated_checkpoint(tmp_path, sam_tiny_ckpt):
