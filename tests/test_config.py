@@ -110,6 +110,10 @@ BAD = [
     ({}, ["data.baseline.normal.within_30=-0.5"], r"within_30 = -0\.5.*fraction"),
     ({}, ["tune.metric=val/semantic/mIoU"], r"tune\.metric = 'val/semantic/mIoU'.*'miou'"),
     ({}, ["adapter.dropout=1.5"], r"adapter\.dropout = 1\.5"),
+    ({}, ["train.lr=.inf"], r"train\.lr = inf: .*finite"),
+    ({}, ["adapter.scaling=.nan"], r"adapter\.scaling = nan: .*finite"),
+    ({}, ["adapter.scaling=0"], r"adapter\.scaling = 0: .*greater than 0"),
+    ({}, ["train.task_weights.depth=.inf"], r"train\.task_weights\.depth"),
 ]
 
 

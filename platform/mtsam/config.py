@@ -36,7 +36,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
 
 class ModelConfig(_Section):
@@ -73,7 +75,7 @@ class AdapterConfig(_Section):
     )
     rank: int = Field(4, ge=1, description="Rank of LoRA / Conv-LoRA, and ToRA's CP rank.")
     alpha: float = Field(8.0, gt=0, description="LoRA / Conv-LoRA alpha (scale = alpha / rank).")
-    scaling: float = Field(0.5, description="ToRA's scaling s of the update.")
+    scaling: float = Field(0.5, gt=0, description="ToRA's scaling s of the update.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the adapter branch input.")
     targets: tuple[Literal["qkv", "proj", "mlp"], ...] = Field(
         ("qkv",), min_length=1, description="Encoder linears to adapt: qkv, proj, mlp."
