@@ -111,6 +111,11 @@ BAD = [
     ({}, ["tune.metric=val/semantic/mIoU"], r"tune\.metric = 'val/semantic/mIoU'.*'miou'"),
     ({}, ["adapter.dropout=1.5"], r"adapter\.dropout = 1\.5"),
     ({}, ["train.lr=.inf"], r"train\.lr = inf: .*finite"),
+    (
+        {},
+        ["tune.space.train.epochs={type: uniform, low: 1, high: 3}"],
+        r"tune\.space\.train\.epochs: value 1\.63\d* is invalid: .*integer",
+    ),
     ({}, ["adapter.scaling=.nan"], r"adapter\.scaling = nan: .*finite"),
     ({}, ["adapter.scaling=0"], r"adapter\.scaling = 0: .*greater than 0"),
     ({}, ["train.task_weights.depth=.inf"], r"train\.task_weights\.depth"),

@@ -374,7 +374,8 @@ def _check_metric_name(metric: str, tasks: Iterable[str]) -> None:
 
 
 def _check_space_key(cfg: ExperimentConfig, key: str, entry: SpaceEntry) -> None:
-    """The key must name an existing field, and every candidate value must validate there."""
+    """The key must name an existing field, and every candidate value (for a range: its ends
+    and a point inside) must validate there."""
     flat = cfg.flat()
     if key not in flat and not any(k.startswith(key + ".") for k in flat):
         raise ValueError(f"tune.space.{key}: no such config key")
@@ -384,7 +385,9 @@ def _check_space_key(cfg: ExperimentConfig, key: str, entry: SpaceEntry) -> None
     elif entry.type == "randint":
         probes = [int(entry.low), int(entry.high) - 1]  # type: ignore[arg-type]
     else:
-        probes = [entry.low, entry.high] + ([0.0] if entry.include_zero else [])
+        # an inner point with a fractional part too: an integer field refuses what these draw
+        inner = entry.low + (entry.high - entry.low) / math.pi  # type: ignore[operator]
+        probes = [entry.low, inner, entry.high] + ([0.0] if entry.include_zero else [])
     base = cfg.to_dict()
     base["tune"] = {}
     for value in probes:
