@@ -135,6 +135,25 @@ def test_cityscapes_shards_augment_like_the_reader(tmp_path):
         assert_same_samples(reader, shard)
 
 
+def test_training_reads_scenes_shards_and_checks_their_benchmark(tmp_path):
+    """data.format=shards reads the given folder for every benchmark (scenes included), and
+    shards of another benchmark than data.dataset are refused, naming the manifest."""
+    from mtsam.config import build_config
+    from mtsam.train import runner
+
+    info = generate_scenes(tmp_path / "scenes", num_train=3, num_val=1, height=16, width=24, seed=2)
+    src = sources(tmp_path / "scenes", ("train", "val"), num_classes=info.num_classes)
+    write_shards(tmp_path / "out", src, dataset="scenes")
+    sets = [f"data.root={tmp_path / 'out'}", "data.format=shards", "train.batch_size=2"]
+    cfg = build_config({}, [*sets, f"output_dir={tmp_path / 'o'}"])
+    assert runner.prepare_data(cfg) == tmp_path / "out"
+    wrong = build_config({}, [*sets, "data.dataset=nyuv2"])
+    with pytest.raises(
+        DatasetError, match=r"out/manifest\.json: shards of 'scenes', but data\.data"
+    ):
+        runner.prepare_data(wrong)
+
+
 def test_rerun_is_noop_and_changed_input_rewrites(tmp_path):
     write_nyuv2(tmp_path / "src", n=3)
     write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2", samples_per_shard=2)

@@ -235,6 +235,22 @@ def _refusal_case(case: str, tmp_path):
             "--name '../escape': expected a plain folder name",
             lambda: not out.exists() and not (tmp_path / "escape").exists(),
         )
+    if case == "raw folder as shards":
+        (tmp_path / "raw" / "train").mkdir(parents=True)
+        sets = ["data.dataset=nyuv2", f"data.root={tmp_path / 'raw'}", "data.format=shards"]
+        return (
+            [a for s in [f"output_dir={out}", *sets] for a in ("--set", s)],
+            f"{tmp_path / 'raw' / 'manifest.json'}",
+            lambda: not out.exists(),
+        )
+    if case == "too few samples":
+        sets = [f"output_dir={out}", "data.scenes.num_train=2", "data.scenes.num_val=1"]
+        sets += ["data.scenes.height=16", "data.scenes.width=16", "train.batch_size=3"]
+        return (
+            [a for s in sets for a in ("--set", s)],
+            "train.batch_size = 3 x grad_accum = 1 x 1 workers needs 3 training samples",
+            lambda: not (out / "ray_results").exists(),  # the scenes cache is complete and kept
+        )
     ckpt = tmp_path / "sam.pth"
     if case == "truncated checkpoint":
         torch.save({"image_encoder.pos_embed": torch.zeros(1, 4, 4, 64)}, ckpt)
@@ -259,11 +275,14 @@ def _refusal_case(case: str, tmp_path):
         "name with a slash",
         "truncated checkpoint",
         "checkpoint of no preset",
+        "raw folder as shards",
+        "too few samples",
     ],
 )
 def test_bad_start_fails_in_one_line_before_ray(job, case, tmp_path):
     """A run never reuses a folder (Ray would silently continue or mix into it), and a bad base
-    checkpoint is refused in the driver: exit 2, one line, no Ray started, nothing written."""
+    checkpoint or dataset is refused in the driver: exit 2, one line, no Ray started, nothing
+    written."""
     import subprocess
     import sys
     from pathlib import Path

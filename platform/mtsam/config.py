@@ -151,6 +151,8 @@ class DataConfig(_Section):
             raise ValueError(f"data.num_classes = {self.num_classes}: cityscapes has 7 or 19")
         if self.dataset not in ("scenes",) and self.root is None:
             raise ValueError(f"data.root: dataset {self.dataset!r} needs a local folder path")
+        if self.format == "shards" and self.root is None:
+            raise ValueError("data.root: data.format = 'shards' needs the shard folder's path")
         if self.baseline:
             from mtsam.tasks.registry import check_baseline  # the task specs import torch
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from mtsam.data import ShardDataset, ensure_scenes, open_dataset
+from mtsam.data import DatasetError, ShardDataset, ensure_scenes, open_dataset
 
 
 def scenes_root(
@@ -30,10 +30,20 @@ def open_split(
     num_classes: int | None,
     augment: bool,
     seed: int,
+    verify: bool = True,
 ) -> Dataset:
-    """One split from the raw layout (``fmt="files"``) or from Parquet shards (``"shards"``)."""
+    """One split from the raw layout (``fmt="files"``) or from Parquet shards (``"shards"``,
+    which must hold ``dataset``; ``verify`` checks their sha256)."""
     if fmt == "shards":
-        return ShardDataset(root, split, tasks=tuple(tasks), augment=augment, seed=seed)
+        ds = ShardDataset(
+            root, split, tasks=tuple(tasks), augment=augment, seed=seed, verify=verify
+        )
+        if ds.dataset_name != dataset:
+            raise DatasetError(
+                f"{Path(root) / 'manifest.json'}: shards of {ds.dataset_name!r}, "
+                f"but data.dataset = {dataset!r}"
+            )
+        return ds
     return open_dataset(
         dataset,
         root,

@@ -92,7 +92,7 @@ def build_model(cfg: ExperimentConfig, *, tasks: Sequence[Any], base: BaseWeight
 
 def data_root(cfg: ExperimentConfig) -> Path:
     d = cfg.data
-    if d.dataset != "scenes":
+    if d.dataset != "scenes" or d.format == "shards":
         return Path(d.root or "")
     cache = Path(d.root) if d.root else Path(cfg.output_dir) / "cache" / "scenes"
     s = d.scenes

@@ -88,12 +88,30 @@ def storage_path(cfg: ExperimentConfig) -> str:
 
 
 def prepare_data(cfg: ExperimentConfig) -> Path:
-    """Generate the scenes (once, atomically) before any worker starts; check other roots."""
+    """Generate the scenes (once, atomically) before any worker starts, and open both splits
+    once: a missing or malformed dataset, or too few samples for one step, is one error here
+    instead of a traceback from every worker (and every retry)."""
+    from mtsam.train.data import open_split
     from mtsam.train.loop import data_root
 
     root = data_root(cfg)
-    if cfg.data.dataset != "scenes" and not root.exists():
+    if (cfg.data.dataset != "scenes" or cfg.data.format == "shards") and not root.is_dir():
         raise FileNotFoundError(f"data.root {root}: no such folder")
+    common = {"fmt": cfg.data.format, "tasks": cfg.data.tasks, "num_classes": cfg.data.classes}
+    splits = {
+        split: open_split(
+            cfg.data.dataset, root, split, augment=False, seed=cfg.seed, verify=False, **common
+        )
+        for split in ("train", "val")
+    }
+    t, sc = cfg.train, cfg.scaling
+    per_step = t.batch_size * t.grad_accum * sc.num_workers
+    if len(splits["train"]) < per_step:  # type: ignore[arg-type]
+        raise ValueError(
+            f"train.batch_size = {t.batch_size} x grad_accum = {t.grad_accum} x "
+            f"{sc.num_workers} workers needs {per_step} training samples; {root} has "
+            f"{len(splits['train'])}"  # type: ignore[arg-type]
+        )
     return root
 
 
