@@ -51,9 +51,20 @@ def _checkpoint_config(ckpt: Path, config: str | None, overrides: list[str], bas
 
 
 def _model_from_checkpoint(cfg, state, ckpt: Path, tasks):
+    """The run's model on the base the config gives, which must be the base it was trained on
+    (recorded in the checkpoint's adapter.json): another base silently gives other metrics."""
+    from mtsam.adapters.io import META_FILE, read_adapter_meta
     from mtsam.train.loop import build_model
 
     model = build_model(cfg, tasks=tasks, base=None)
+    if (ckpt / "adapter" / META_FILE).is_file():
+        trained_on = read_adapter_meta(ckpt / "adapter").base_fingerprint
+        if trained_on != model.base_fingerprint:
+            raise ValueError(
+                f"checkpoint {ckpt}: trained on base weights {trained_on}, this evaluation "
+                f"would use {model.base_fingerprint} (give --base-checkpoint the file it was "
+                "trained on; do not change seed or model.checkpoint)"
+            )
     model.load_trainable_state_dict(state["trainable"], source=str(ckpt / "train_state.pt"))
     return model
 
@@ -154,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     from mtsam.tasks import build_tasks
 
     try:
+        if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
+            raise FileNotFoundError(f"--json {args.json}: expected a file in an existing folder")
         if args.base_checkpoint and not Path(args.base_checkpoint).is_file():
             raise FileNotFoundError(f"--base-checkpoint {args.base_checkpoint}: no such file")
         if args.checkpoint:

@@ -255,6 +255,18 @@ def test_corrupt_checkpoint_gives_a_clear_error(reference, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "trained for tasks ['semantic', 'depth', 'normal'] with 6 classes" in err
     assert "\n" not in err
+    # another random base (seed) would give other metrics without a word: refused
+    assert evaluate_job.main(["--checkpoint", good, "--set", "seed=5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained on base weights random-init:tiny:seed=0, this evaluation would use " in err
+    assert "random-init:tiny:seed=5" in err and "\n" not in err
+    # a --json path that cannot be written fails before the evaluation, leaving nothing
+    assert evaluate_job.main(["--checkpoint", good, "--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --json {tmp_path}: expected a file in an existing folder"
+    assert sorted(
+        p.name for p in tmp_path.parent.iterdir() if p.name.startswith(tmp_path.name)
+    ) == [tmp_path.name]
 
 
 def test_evaluate_cli_reproduces_the_metrics_the_run_reported(reference, tmp_path):
