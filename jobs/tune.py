@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg, name, storage = run_config_and_place(
-            args, lambda c: f"sweep-{c.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            args, lambda c: f"sweep-{c.name}-{time.strftime('%Y%m%d-%H%M%S')}", sweep=True
         )
         plan = sweep.plan(cfg)
         base_weights = runner.read_base_weights(cfg)  # checked before Ray starts

@@ -204,7 +204,7 @@ def test_resume_of_a_folder_that_is_no_run_fails_in_one_line(job, tmp_path):
     assert list(folder.iterdir()) == []
 
 
-def _refusal_case(case: str, tmp_path):
+def _refusal_case(case: str, job: str, tmp_path):
     """(extra CLI args, what the one-line error must contain, a check that nothing changed)."""
     import torch
 
@@ -228,6 +228,23 @@ def _refusal_case(case: str, tmp_path):
             lambda: (
                 sorted(p.name for p in out.rglob("*")) == ["mtsam_config.yaml", "r1", "ray_results"]
             ),
+        )
+    if case == "resume of the other job's folder":
+        run = out / "ray_results" / "r1"
+        run.mkdir(parents=True)
+        (run / "mtsam_config.yaml").write_text("{}\n")
+        if job == "train.py":  # a sweep folder
+            (run / "tuner.pkl").write_bytes(b"")
+        expect = (
+            "a sweep folder; continue it with jobs/tune.py --resume"
+            if job == "train.py"
+            else "not a sweep folder (no tuner.pkl); continue a run of jobs/train.py with"
+        )
+        before = sorted(p.name for p in run.iterdir())
+        return (
+            ["--resume", str(run)],
+            expect,
+            lambda: sorted(p.name for p in run.iterdir()) == before,
         )
     if case == "name with a slash":
         return (
@@ -272,6 +289,7 @@ def _refusal_case(case: str, tmp_path):
     [
         "existing name",
         "resume with name",
+        "resume of the other job's folder",
         "name with a slash",
         "truncated checkpoint",
         "checkpoint of no preset",
@@ -288,7 +306,7 @@ def test_bad_start_fails_in_one_line_before_ray(job, case, tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    args, expect, unchanged = _refusal_case(case, tmp_path)
+    args, expect, unchanged = _refusal_case(case, job, tmp_path)
     r = subprocess.run(
         [sys.executable, str(repo / "jobs" / job), *args],
         capture_output=True,

@@ -45,9 +45,13 @@ def add_run_args(ap: argparse.ArgumentParser, *, what: str, default_name: str) -
 
 
 def run_config_and_place(
-    args: argparse.Namespace, default_name: Callable[[ExperimentConfig], str]
+    args: argparse.Namespace,
+    default_name: Callable[[ExperimentConfig], str],
+    *,
+    sweep: bool = False,
 ) -> tuple[ExperimentConfig, str, str]:
-    """(config, run name, storage path): a new run's, or those of the run at ``--resume``.
+    """(config, run name, storage path): a new run's, or those of the run at ``--resume``
+    (which must be a sweep folder exactly when ``sweep``).
 
     A new run never reuses a folder: Ray would silently continue (or mix into) the run that is
     there, with the new config written over the one it was trained with.
@@ -62,7 +66,16 @@ def run_config_and_place(
                 "(use --set to change values)"
             )
         path = Path(args.resume).resolve()
-        cfg = load_cli_config(runner.resume_config_path(path), args.set)
+        cfg_path = runner.resume_config_path(path)
+        is_sweep = (path / "tuner.pkl").is_file()  # Ray Tune writes it when a sweep starts
+        if is_sweep != sweep:
+            raise ValueError(
+                f"--resume {path}: a sweep folder; continue it with jobs/tune.py --resume"
+                if is_sweep
+                else f"--resume {path}: not a sweep folder (no tuner.pkl); continue a run of "
+                "jobs/train.py with jobs/train.py --resume"
+            )
+        cfg = load_cli_config(cfg_path, args.set)
         return cfg, path.name, str(path.parent)
     cfg = load_cli_config(args.config or args.default_config, args.set)
     name = args.name or default_name(cfg)
