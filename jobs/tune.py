@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = sweep.plan(cfg)
         base_weights = runner.read_base_weights(cfg)  # checked before Ray starts
         runner.prepare_data(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a path that cannot be read or created
         return fail(e)
 
     runner.init_ray()

@@ -246,6 +246,13 @@ def _refusal_case(case: str, job: str, tmp_path):
             expect,
             lambda: sorted(p.name for p in run.iterdir()) == before,
         )
+    if case == "output_dir is a file":
+        out.write_text("not a folder")
+        return (
+            ["--set", f"output_dir={out}"],
+            f"output_dir {out}: exists and is not a folder",
+            lambda: out.read_text() == "not a folder",
+        )
     if case == "name with a slash":
         return (
             ["--set", f"output_dir={out}", "--name", "../escape"],
@@ -291,6 +298,7 @@ def _refusal_case(case: str, job: str, tmp_path):
         "resume with name",
         "resume of the other job's folder",
         "name with a slash",
+        "output_dir is a file",
         "truncated checkpoint",
         "checkpoint of no preset",
         "raw folder as shards",

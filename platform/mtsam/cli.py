@@ -78,6 +78,9 @@ def run_config_and_place(
         cfg = load_cli_config(cfg_path, args.set)
         return cfg, path.name, str(path.parent)
     cfg = load_cli_config(args.config or args.default_config, args.set)
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out}: exists and is not a folder")
     name = args.name or default_name(cfg)
     if not name or name in (".", "..") or "/" in name or "\\" in name:
         raise ValueError(f"--name {name!r}: expected a plain folder name (no '/')")
