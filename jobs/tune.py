@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # OSError: a path that cannot be read or created
         return fail(e)
 
-    runner.init_ray()
+    try:
+        runner.init_ray(need=runner.resources_needed(cfg, sweep=True))
+    except ValueError as e:
+        return fail(e)
     try:
         report = sweep.run(
             cfg,

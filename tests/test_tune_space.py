@@ -327,3 +327,39 @@ def test_bad_start_fails_in_one_line_before_ray(job, case, tmp_path):
     assert len(lines) == 1 and expect in lines[0], r.stderr[-2000:]
     assert "Ray" not in r.stdout + r.stderr
     assert unchanged()
+
+
+@pytest.mark.parametrize("job", ["train.py", "tune.py"])
+def test_more_cpus_than_the_local_ray_has_fails_instead_of_waiting(job, tmp_path):
+    """A local Ray never grows: asking it for more CPUs than the machine has would wait forever
+    (Ray's autoscaler only warns). The job shuts its Ray down and names the fields."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cpus = os.cpu_count() or 1
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "jobs" / job),
+            "--set",
+            f"output_dir={tmp_path / 'out'}",
+            "--set",
+            "data.scenes.num_train=8",
+            "--set",
+            "data.scenes.num_val=2",
+            "--set",
+            f"scaling.cpus_per_worker={cpus + 1}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: scaling: one run needs {cpus + 1}") and "local Ray" in last
+    assert not (tmp_path / "out" / "ray_results").exists()

@@ -26,9 +26,24 @@ def ray_runtime_env() -> dict[str, Any]:
     }
 
 
-def init_ray(*, num_cpus: int | None = None, log=print) -> str:
+def resources_needed(cfg: ExperimentConfig, *, sweep: bool = False) -> dict[str, float]:
+    """CPUs and GPUs one run (or one sweep trial, with its driver) reserves at once."""
+    sc = cfg.scaling
+    need = {"CPU": sc.num_workers * sc.cpus_per_worker + (cfg.tune.driver_cpus if sweep else 0)}
+    if sc.use_gpu:
+        need["GPU"] = sc.num_workers * sc.gpus_per_worker
+    return need
+
+
+def init_ray(
+    *, num_cpus: int | None = None, need: dict[str, float] | None = None, log=print
+) -> str:
     """Connect to a running cluster (RAY_ADDRESS, or "auto" inside a submitted job), else start
-    a local one on 127.0.0.1 with the dashboard on. Returns what it did, for the log."""
+    a local one on 127.0.0.1 with the dashboard on. Returns what it did, for the log.
+
+    A local cluster never grows, so one that lacks ``need`` (see :func:`resources_needed`) is
+    shut down again and a ValueError names the scaling fields: the run would wait forever.
+    """
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -47,6 +62,17 @@ def init_ray(*, num_cpus: int | None = None, log=print) -> str:
             runtime_env=ray_runtime_env(),
         )
         what = "started a local Ray (dashboard on 127.0.0.1)"
+        have = ray.cluster_resources()
+        short = {k: v for k, v in (need or {}).items() if have.get(k, 0.0) + 1e-9 < v}
+        if short:
+            ray.shutdown()
+            parts = ", ".join(f"{v:g} {k}" for k, v in short.items())
+            mine = ", ".join(f"{have.get(k, 0.0):g} {k}" for k in short)
+            raise ValueError(
+                f"scaling: one run needs {parts} (num_workers x cpus_per_worker / "
+                f"gpus_per_worker), but the local Ray on this machine has {mine}; lower them or "
+                "set RAY_ADDRESS to a cluster"
+            )
     log(what)
     return what
 
