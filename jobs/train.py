@@ -32,21 +32,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         base_weights = runner.read_base_weights(cfg)  # checked before Ray starts
         runner.prepare_data(cfg)
+        tracking = None
+        if cfg.tracking.enabled:
+            from mtsam.tracking.setup import tracking_for_run
+
+            tracking = tracking_for_run(cfg, run_name=name, storage=storage)
+        runner.init_ray(need=runner.resources_needed(cfg))
     except (ValueError, OSError) as e:  # OSError: a path that cannot be read or created
         return fail(e)
 
-    try:
-        runner.init_ray(need=runner.resources_needed(cfg))
-    except ValueError as e:
-        return fail(e)
-    tracking = None
-    if cfg.tracking.enabled:
-        from mtsam.tracking.setup import tracking_for_run
-
-        try:
-            tracking = tracking_for_run(cfg, run_name=name, storage=storage)
-        except ValueError as e:
-            return fail(e)
     base = runner.put_base_weights(base_weights)
     del base_weights  # the object store holds them now
     if base is not None:

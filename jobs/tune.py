@@ -39,12 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         plan = sweep.plan(cfg)
         base_weights = runner.read_base_weights(cfg)  # checked before Ray starts
         runner.prepare_data(cfg)
-    except (ValueError, OSError) as e:  # OSError: a path that cannot be read or created
-        return fail(e)
+        if cfg.tracking.enabled:
+            from mtsam.tracking.setup import check_tracking
 
-    try:
+            check_tracking(cfg)  # the sweep opens its parent run later, once Ray is up
         runner.init_ray(need=runner.resources_needed(cfg, sweep=True))
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a path that cannot be read or created
         return fail(e)
     try:
         report = sweep.run(

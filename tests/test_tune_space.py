@@ -253,6 +253,12 @@ def _refusal_case(case: str, job: str, tmp_path):
             f"output_dir {out}: exists and is not a folder",
             lambda: out.read_text() == "not a folder",
         )
+    if case == "unreachable tracking server":
+        return (
+            ["--set", f"output_dir={out}", "--set", "tracking.uri=http://127.0.0.1:9"],
+            "tracking.uri: ",
+            lambda: not (out / "ray_results").exists() and not (out / "mlflow.db").exists(),
+        )
     if case == "name with a slash":
         return (
             ["--set", f"output_dir={out}", "--name", "../escape"],
@@ -299,6 +305,7 @@ def _refusal_case(case: str, job: str, tmp_path):
         "resume of the other job's folder",
         "name with a slash",
         "output_dir is a file",
+        "unreachable tracking server",
         "truncated checkpoint",
         "checkpoint of no preset",
         "raw folder as shards",

@@ -25,7 +25,11 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _info(cfg: ExperimentConfig, *, spool_root: str) -> dict[str, Any]:
+def check_tracking(cfg: ExperimentConfig) -> str:
+    """The resolved tracking URI, checked to answer; a ValueError naming ``tracking.uri`` if not.
+
+    Jobs call it before Ray starts, so a bad URI costs neither a cluster start nor a folder.
+    """
     from mtsam.tracking.uri import check_tracking_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking.uri, cfg.output_dir)
@@ -33,6 +37,11 @@ def _info(cfg: ExperimentConfig, *, spool_root: str) -> dict[str, Any]:
         check_tracking_uri(uri, timeout_s=min(10.0, cfg.tracking.request_timeout_s))
     except Exception as e:
         raise ValueError(f"tracking.uri: {e}") from None
+    return uri
+
+
+def _info(cfg: ExperimentConfig, *, spool_root: str) -> dict[str, Any]:
+    uri = check_tracking(cfg)
     return {
         "uri": uri,
         "experiment": cfg.tracking.experiment or cfg.name,

@@ -65,8 +65,6 @@ def run(
     from mtsam.train import runner
 
     exp_path = Path(storage) / name if "://" not in storage else None
-    if exp_path is not None and not resume:
-        runner.save_run_config(exp_path, cfg)
 
     tracking = None
     if cfg.tracking.enabled:
@@ -84,6 +82,9 @@ def run(
             )
         except TrackingError as e:
             raise ValueError(f"tracking.uri: {e}") from None
+
+    if exp_path is not None and not resume:  # after tracking: a refused URI writes nothing
+        runner.save_run_config(exp_path, cfg)
 
     base = runner.put_base_weights(base_weights)
     ctx = SweepContext(
