@@ -26,16 +26,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", required=True, choices=sorted(DATASET_TASKS))
     p.add_argument("--root", type=Path, help="dataset folder (scenes: where to keep them)")
     p.add_argument("--out", type=Path, required=True, help="shard folder to write")
-    p.add_argument("--splits", nargs="+", default=["train", "val"])
-    p.add_argument("--samples-per-shard", type=int, default=64)
+    p.add_argument(
+        "--splits", nargs="+", default=["train", "val"], help="splits to convert (train val)"
+    )
+    p.add_argument(
+        "--samples-per-shard", type=int, default=64, help="samples per Parquet file (64)"
+    )
     p.add_argument("--num-classes", type=int, help="semantic classes (default: the benchmark's)")
     p.add_argument("--tasks", nargs="+", help="tasks to store (default: all of the dataset's)")
     g = p.add_argument_group("generated scenes (--dataset scenes)")
-    g.add_argument("--scenes-train", type=int, default=200)
-    g.add_argument("--scenes-val", type=int, default=50)
-    g.add_argument("--height", type=int, default=96)
-    g.add_argument("--width", type=int, default=128)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--scenes-train", type=int, default=200, help="training scenes (200)")
+    g.add_argument("--scenes-val", type=int, default=50, help="validation scenes (50)")
+    g.add_argument("--height", type=int, default=96, help="image height in pixels (96)")
+    g.add_argument("--width", type=int, default=128, help="image width in pixels (128)")
+    g.add_argument("--seed", type=int, default=0, help="scene generator seed (0)")
     args = p.parse_args(argv)
     if args.dataset != "scenes" and args.root is None:
         p.error(f"--root is required for --dataset {args.dataset}")

@@ -240,6 +240,23 @@ def test_bad_input_keeps_existing_shards(tmp_path):
     assert len(ShardDataset(tmp_path / "out", "train")) == 3
 
 
+def test_shards_are_not_written_among_other_files(tmp_path):
+    """--out = the raw dataset's own folder, or a file: refused, nothing written there."""
+    write_nyuv2(tmp_path / "src", n=2)
+    before = mtimes(tmp_path / "src")
+    with pytest.raises(DatasetError, match=r"src: holds 'train', which is not part of a shard"):
+        write_shards(tmp_path / "src", sources(tmp_path / "src"), dataset="nyuv2")
+    assert mtimes(tmp_path / "src") == before
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DatasetError, match=r"afile: exists and is not a folder"):
+        write_shards(tmp_path / "afile", sources(tmp_path / "src"), dataset="nyuv2")
+    # an earlier shard set (even an interrupted one, without manifest) is rewritten as before
+    write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2")
+    (tmp_path / "out" / "manifest.json").unlink()
+    write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2")
+    assert len(ShardDataset(tmp_path / "out", "train")) == 2
+
+
 def _run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(env_extra or {})

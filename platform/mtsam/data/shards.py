@@ -204,6 +204,28 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
         return None
 
 
+def _check_shard_folder(out: Path) -> None:
+    """``out`` must be absent, empty, or hold only what :func:`write_shards` writes (a manifest
+    and split folders of parquet parts, with the temporary files of an interrupted run): shards
+    written among other files (a raw dataset, say) would mix the two and later clean-ups of
+    stale parts would run in someone else's folder."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DatasetError(f"{out}: exists and is not a folder")
+    for entry in out.iterdir():
+        if entry.is_file() and entry.name in (MANIFEST, MANIFEST + ".tmp"):
+            continue
+        if entry.is_dir() and all(
+            f.is_file() and f.suffix in (".parquet", ".tmp") for f in entry.iterdir()
+        ):
+            continue
+        raise DatasetError(
+            f"{out}: holds {entry.name!r}, which is not part of a shard set; write the shards "
+            "to an empty or new folder"
+        )
+
+
 def write_shards(
     out: str | Path,
     sources: Mapping[str, SplitSource],
@@ -226,6 +248,7 @@ def write_shards(
         raise DatasetError(f"{out}: samples_per_shard must be >= 1, got {samples_per_shard}")
     if not sources:
         raise DatasetError(f"{out}: no splits to convert")
+    _check_shard_folder(out)
     old = _read_manifest(out) if (out / MANIFEST).exists() else None
     keep: dict[str, dict[str, Any]] = {}
     if (
