@@ -22,15 +22,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", default=None, help="override the URI recorded in a spool")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds per MLflow request")
     args = ap.parse_args(argv)
+    if not args.timeout > 0:  # also refuses nan
+        ap.error(f"--timeout {args.timeout}: expected a number of seconds > 0")
 
     from mtsam.tracking.spool import SpoolError
     from mtsam.tracking.sync import sync_spool
+    from mtsam.tracking.uri import TrackingError, check_tracking_uri
 
     try:
+        if args.tracking_uri is not None:
+            check_tracking_uri(args.tracking_uri, timeout_s=min(10.0, args.timeout))
         results = sync_spool(
             args.spool, tracking_uri=args.tracking_uri, request_timeout_s=args.timeout
         )
-    except (FileNotFoundError, SpoolError) as e:
+    except (FileNotFoundError, SpoolError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not results:

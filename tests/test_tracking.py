@@ -558,3 +558,29 @@ def test_outage_loses_nothing_and_spool_syncs(server, tmp_path, caplog):
         "predictions/epoch_000.png",
     }
     assert len(c.search_runs([exp])) == 3  # sweep-k, trial_k, trial_d: no duplicates
+
+
+def test_sync_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    """A bad --tracking-uri or --timeout, and a spool whose header names no tracking URI: one
+    line, exit 2, the spool left as it was."""
+    import json
+
+    from mtsam.tracking.spool import FORMAT
+
+    run = tmp_path / "run"
+    run.mkdir()
+    spool = run / SPOOL_FILE
+    spool.write_text(json.dumps({"mtsam_spool": FORMAT, "experiment": "e"}) + "\n")
+    before = spool.read_bytes()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    job = [sys.executable, str(REPO / "jobs" / "sync_mlflow.py"), "--spool", str(run)]
+    cases = [
+        ([], f"{spool}: its header names no tracking_uri"),
+        (["--tracking-uri", "bogus"], "error: tracking URI 'bogus': unsupported scheme"),
+        (["--timeout", "0"], "--timeout 0.0: expected a number of seconds > 0"),
+    ]
+    for extra, expect in cases:
+        r = subprocess.run([*job, *extra], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert expect in r.stderr.strip().splitlines()[-1], r.stderr
+        assert "Traceback" not in r.stderr and spool.read_bytes() == before

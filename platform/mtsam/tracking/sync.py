@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtsam.tracking.delivery import Deliverer, DeliveryReport, RunTarget
-from mtsam.tracking.spool import Spool, find_spools
+from mtsam.tracking.spool import Spool, SpoolError, find_spools
 from mtsam.tracking.tracker import LOCK_FILE
 
 
@@ -53,6 +53,8 @@ def sync_spool(
 
 def _sync_one(spool: Spool, tracking_uri: str | None, timeout_s: float) -> DeliveryReport:
     header, ops = spool.load()
+    if not tracking_uri and not header.get("tracking_uri"):
+        raise SpoolError(f"{spool.path}: its header names no tracking_uri; pass one to sync it")
     target = RunTarget.from_header(header, tracking_uri=tracking_uri)
     d = Deliverer(target, spool, request_timeout_s=timeout_s, reopen=False)
     d.adopt(ops)
