@@ -141,6 +141,10 @@ def test_bad_files_name_the_file(tmp_path):
     wrong.write_text("train:\n  epochs: zero\n")
     with pytest.raises(ConfigError, match=r"wrong\.yaml: train\.epochs = 'zero'"):
         load_config(wrong)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00train")
+    with pytest.raises(ConfigError, match=r"binary\.yaml: unreadable as UTF-8 text"):
+        load_config(binary)
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="mapping"):

@@ -511,6 +511,8 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Exper
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             where = f" line {line + 1}" if line is not None else ""
             raise ConfigError(f"config error: {path}{where}: not valid YAML") from None
+        except (UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"config error: {path}: unreadable as UTF-8 text ({e})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
