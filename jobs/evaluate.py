@@ -1,6 +1,6 @@
 """Evaluate a trained mSAM on one split and print its per-task metrics.
 
-    python jobs/evaluate.py --checkpoint outputs/ray_results/train-default/checkpoint_000002
+    python jobs/evaluate.py --checkpoint outputs/ray_results/train-default-<time>/checkpoint_<...>
     python jobs/evaluate.py --adapter path/to/adapter [--base-checkpoint sam_vit_l_0b3195.pth]
     python jobs/evaluate.py --adapter models:/mtsam-best/1 --config configs/default.yaml
 

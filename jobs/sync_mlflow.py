@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import _bootstrap  # noqa: F401  (makes mtsam importable from a checkout)
 
@@ -30,8 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     from mtsam.tracking.uri import TrackingError, check_tracking_uri
 
     try:
+        if not Path(args.spool).exists():
+            raise FileNotFoundError(f"--spool {args.spool}: no such spool folder or file")
         if args.tracking_uri is not None:
-            check_tracking_uri(args.tracking_uri, timeout_s=min(10.0, args.timeout))
+            try:
+                check_tracking_uri(args.tracking_uri, timeout_s=min(10.0, args.timeout))
+            except TrackingError as e:
+                raise TrackingError(f"--tracking-uri: {e}") from None
         results = sync_spool(
             args.spool, tracking_uri=args.tracking_uri, request_timeout_s=args.timeout
         )

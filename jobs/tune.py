@@ -46,14 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         runner.init_ray(need=runner.resources_needed(cfg, sweep=True))
     except (ValueError, OSError) as e:  # OSError: a path that cannot be read or created
         return fail(e)
+    base = runner.put_base_weights(base_weights)
+    del base_weights  # the object store holds them now, for the whole sweep
     try:
         report = sweep.run(
-            cfg,
-            plan,
-            name=name,
-            storage=storage,
-            resume=bool(args.resume),
-            base_weights=base_weights,
+            cfg, plan, name=name, storage=storage, resume=bool(args.resume), base=base
         )
     except ValueError as e:  # bad tracking URI and other start-up checks: nothing ran
         return fail(e)

@@ -107,7 +107,7 @@ BAD = [
         r"data\.baseline\.semantic\.mIoU: semantic reports no metric 'mIoU'.*'miou'",
     ),
     ({}, ["data.baseline.semantic.miou=55.0"], r"data\.baseline\.semantic\.miou = 55\.0.*frac"),
-    ({}, ["data.baseline.normal.within_30=-0.5"], r"within_30 = -0\.5.*fraction"),
+    ({}, ["data.baseline.depth.abs_err=-0.5"], r"abs_err = -0\.5: expected a finite value > 0"),
     ({}, ["tune.metric=val/semantic/mIoU"], r"tune\.metric = 'val/semantic/mIoU'.*'miou'"),
     ({}, ["adapter.dropout=1.5"], r"adapter\.dropout = 1\.5"),
     ({}, ["train.lr=.inf"], r"train\.lr = inf: .*finite"),

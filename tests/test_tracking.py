@@ -561,8 +561,8 @@ def test_outage_loses_nothing_and_spool_syncs(server, tmp_path, caplog):
 
 
 def test_sync_cli_bad_input_is_one_line_and_exit_2(tmp_path):
-    """A bad --tracking-uri or --timeout, and a spool whose header names no tracking URI: one
-    line, exit 2, the spool left as it was."""
+    """A bad --tracking-uri or --timeout: one line, exit 2; a spool whose header names no
+    tracking URI is skipped with a note (exit 1: something is left). The spool stays as it was."""
     import json
 
     from mtsam.tracking.spool import FORMAT
@@ -575,12 +575,18 @@ def test_sync_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     job = [sys.executable, str(REPO / "jobs" / "sync_mlflow.py"), "--spool", str(run)]
     cases = [
-        ([], f"{spool}: its header names no tracking_uri"),
-        (["--tracking-uri", "bogus"], "error: tracking URI 'bogus': unsupported scheme"),
-        (["--timeout", "0"], "--timeout 0.0: expected a number of seconds > 0"),
+        ([], 1, f"{spool}: skipped: its header names no tracking URI"),
+        (["--tracking-uri", "bogus"], 2, "error: --tracking-uri: tracking URI 'bogus': unsupp"),
+        (["--timeout", "0"], 2, "--timeout 0.0: expected a number of seconds > 0"),
+        (
+            ["--spool", str(tmp_path / "none"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+            2,
+            f"error: --spool {tmp_path / 'none'}: no such spool folder or file",
+        ),
     ]
-    for extra, expect in cases:
+    for extra, code, expect in cases:
         r = subprocess.run([*job, *extra], env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2, r.stderr
-        assert expect in r.stderr.strip().splitlines()[-1], r.stderr
+        assert r.returncode == code, r.stderr
+        assert expect in (r.stdout + r.stderr).strip().splitlines()[-1], r.stdout + r.stderr
         assert "Traceback" not in r.stderr and spool.read_bytes() == before
+    assert not (tmp_path / "m.db").exists()  # the missing spool was found first

@@ -262,7 +262,7 @@ def _refusal_case(case: str, job: str, tmp_path):
     if case == "name with a slash":
         return (
             ["--set", f"output_dir={out}", "--name", "../escape"],
-            "--name '../escape': expected a plain folder name",
+            "run name '../escape' (from --name or the config's name): expected a plain folder",
             lambda: not out.exists() and not (tmp_path / "escape").exists(),
         )
     if case == "raw folder as shards":

@@ -83,7 +83,10 @@ def run_config_and_place(
         raise ValueError(f"output_dir {out}: exists and is not a folder")
     name = args.name or default_name(cfg)
     if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ValueError(f"--name {name!r}: expected a plain folder name (no '/')")
+        raise ValueError(
+            f"run name {name!r} (from --name or the config's name): expected a plain folder "
+            "name (no '/')"
+        )
     storage = runner.storage_path(cfg)
     if "://" not in storage and (Path(storage) / name).exists():
         raise ValueError(

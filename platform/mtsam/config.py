@@ -506,13 +506,15 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Exper
         if not path.is_file():
             raise ConfigError(f"config error: {path}: no such file")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             where = f" line {line + 1}" if line is not None else ""
             raise ConfigError(f"config error: {path}{where}: not valid YAML") from None
-        except (UnicodeDecodeError, OSError) as e:
+        except UnicodeDecodeError as e:
             raise ConfigError(f"config error: {path}: unreadable as UTF-8 text ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"config error: {path}: cannot be read ({e.strerror})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

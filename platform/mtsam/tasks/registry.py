@@ -96,7 +96,7 @@ def task_metric_directions(tasks: Iterable[TaskSpec | str]) -> dict[str, dict[st
 
 def check_baseline(baseline: Mapping[str, Mapping[str, float]], tasks: Iterable[str]) -> None:
     """Raise ValueError naming ``data.baseline.<task>.<metric>`` for a task not in ``tasks``, a
-    metric the task does not report, a value that is 0 or not finite, or a fraction metric
+    metric the task does not report, a value that is not finite and > 0, or a fraction metric
     (mIoU, accuracy, ...) given in percent."""
     tasks = list(tasks)
     for task, metrics in baseline.items():
@@ -111,8 +111,8 @@ def check_baseline(baseline: Mapping[str, Mapping[str, float]], tasks: Iterable[
                 raise ValueError(
                     f"{field}: {task} reports no metric {m!r}; expected one of {known}"
                 )
-            if not math.isfinite(v) or v == 0:
-                raise ValueError(f"{field} = {v}: expected a finite non-zero value")
+            if not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{field} = {v}: expected a finite value > 0")
             if m in spec.FRACTIONS and not 0 < v <= 1:
                 raise ValueError(
                     f"{field} = {v}: expected a fraction in (0, 1] (metrics are not in percent)"

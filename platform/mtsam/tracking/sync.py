@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtsam.tracking.delivery import Deliverer, DeliveryReport, RunTarget
-from mtsam.tracking.spool import Spool, SpoolError, find_spools
+from mtsam.tracking.spool import Spool, find_spools
 from mtsam.tracking.tracker import LOCK_FILE
 
 
@@ -29,7 +29,8 @@ def sync_spool(
 ) -> list[SyncResult]:
     """Deliver every spool under ``root`` (a spool folder, a spool file or a tree of run
     folders) to the back end named in it, or to ``tracking_uri``. A spool whose tracker is
-    still running (its folder is locked) is skipped. Raises FileNotFoundError for a missing
+    still running (its folder is locked), or that names no back end while ``tracking_uri`` is
+    None, is skipped with a note. Raises FileNotFoundError for a missing
     ``root`` and :class:`~mtsam.tracking.spool.SpoolError` for a malformed spool."""
     root = Path(root)
     if not root.exists():
@@ -43,6 +44,11 @@ def sync_spool(
             except OSError:
                 results.append(SyncResult(spool.path, None, "skipped: a tracker is writing it"))
                 continue
+            header, _ = spool.load()
+            if not tracking_uri and not header.get("tracking_uri"):
+                note = "skipped: its header names no tracking URI (pass one to sync it)"
+                results.append(SyncResult(spool.path, None, note))
+                continue
             results.append(
                 SyncResult(spool.path, _sync_one(spool, tracking_uri, request_timeout_s))
             )
@@ -53,8 +59,6 @@ def sync_spool(
 
 def _sync_one(spool: Spool, tracking_uri: str | None, timeout_s: float) -> DeliveryReport:
     header, ops = spool.load()
-    if not tracking_uri and not header.get("tracking_uri"):
-        raise SpoolError(f"{spool.path}: its header names no tracking_uri; pass one to sync it")
     target = RunTarget.from_header(header, tracking_uri=tracking_uri)
     d = Deliverer(target, spool, request_timeout_s=timeout_s, reopen=False)
     d.adopt(ops)

@@ -38,8 +38,9 @@ def resources_needed(cfg: ExperimentConfig, *, sweep: bool = False) -> dict[str,
 def init_ray(
     *, num_cpus: int | None = None, need: dict[str, float] | None = None, log=print
 ) -> str:
-    """Connect to a running cluster (RAY_ADDRESS, or "auto" inside a submitted job), else start
-    a local one on 127.0.0.1 with the dashboard on. Returns what it did, for the log.
+    """Connect to a running cluster (RAY_ADDRESS, "auto" inside a submitted job, or one started
+    on this machine by ``ray start``), else start a local one on 127.0.0.1 with the dashboard
+    on. Returns what it did, for the log.
 
     A local cluster never grows, so one that lacks ``need`` (see :func:`resources_needed`) is
     shut down again and a ValueError names the scaling fields: the run would wait forever.
@@ -54,25 +55,33 @@ def init_ray(
     if address or in_job:
         ray.init(address=address or "auto", runtime_env=ray_runtime_env(), log_to_driver=True)
         what = f"connected to the Ray cluster at {address or 'auto'}"
-    else:
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            runtime_env=ray_runtime_env(),
+        log(what)
+        return what
+    try:  # a cluster started on this machine by `ray start` (it may grow: no resource check)
+        ray.init(address="auto", runtime_env=ray_runtime_env(), log_to_driver=True)
+        what = "connected to the Ray cluster running on this machine"
+        log(what)
+        return what
+    except ConnectionError:
+        pass
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env=ray_runtime_env(),
+    )
+    have = ray.cluster_resources()
+    short = {k: v for k, v in (need or {}).items() if have.get(k, 0.0) + 1e-9 < v}
+    if short:
+        ray.shutdown()
+        parts = ", ".join(f"{v:g} {k}" for k, v in short.items())
+        mine = ", ".join(f"{have.get(k, 0.0):g} {k}" for k in short)
+        raise ValueError(
+            f"scaling: one run needs {parts} (num_workers x cpus_per_worker / "
+            f"gpus_per_worker), but the local Ray on this machine has {mine}; lower them or "
+            "set RAY_ADDRESS to a cluster"
         )
-        what = "started a local Ray (dashboard on 127.0.0.1)"
-        have = ray.cluster_resources()
-        short = {k: v for k, v in (need or {}).items() if have.get(k, 0.0) + 1e-9 < v}
-        if short:
-            ray.shutdown()
-            parts = ", ".join(f"{v:g} {k}" for k, v in short.items())
-            mine = ", ".join(f"{have.get(k, 0.0):g} {k}" for k in short)
-            raise ValueError(
-                f"scaling: one run needs {parts} (num_workers x cpus_per_worker / "
-                f"gpus_per_worker), but the local Ray on this machine has {mine}; lower them or "
-                "set RAY_ADDRESS to a cluster"
-            )
+    what = "started a local Ray (dashboard on 127.0.0.1)"
     log(what)
     return what
 

@@ -57,9 +57,10 @@ def run(
     name: str,
     storage: str,
     resume: bool = False,
-    base_weights: tuple[dict[str, Any], str] | None = None,
+    base: tuple[Any, str] | None = None,
 ) -> SweepReport:
-    """Run (or ``resume``) the sweep; ``base_weights`` from :func:`runner.read_base_weights`."""
+    """Run (or ``resume``) the sweep; ``base`` is :func:`runner.put_base_weights`' (object
+    reference, fingerprint) of the SAM base weights, or None for a random base."""
     import ray.tune
 
     from mtsam.train import runner
@@ -83,10 +84,6 @@ def run(
         except TrackingError as e:
             raise ValueError(f"tracking.uri: {e}") from None
 
-    if exp_path is not None and not resume:  # after tracking: a refused URI writes nothing
-        runner.save_run_config(exp_path, cfg)
-
-    base = runner.put_base_weights(base_weights)
     ctx = SweepContext(
         base_config=cfg.to_dict(),
         storage=storage,
@@ -130,6 +127,10 @@ def run(
             ),
             run_config=ray.tune.RunConfig(name=name, storage_path=storage),
         )
+        # Only now: the Tuner has written tuner.pkl, which marks the folder as a sweep's for
+        # --resume; a failure before here leaves no folder behind.
+        if exp_path is not None:
+            runner.save_run_config(exp_path, cfg)
     results = tuner.fit()
     rows = summarise(results, metric=plan.metric, mode=plan.mode)
     best = best_row(rows, metric=plan.metric, mode=plan.mode)
