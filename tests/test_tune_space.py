@@ -3,6 +3,10 @@ errors (no Ray cluster needed)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from ray import tune
@@ -14,6 +18,15 @@ from mtsam.train.loop import adapter_spec_of
 from mtsam.tune.driver import apply_sample, count_trainable
 from mtsam.tune.space import make_scheduler, make_searcher, overrides_of, tune_space
 from mtsam.tune.sweep import plan
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_job(job: str, args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    """jobs/<job> with ``args`` in a fresh process; stdout and stderr captured as text."""
+    cmd = [sys.executable, str(REPO / "jobs" / job), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=cwd, **kw)
+
 
 SPACE = [
     "tune.space.adapter.r1={type: choice, values: [4, 8]}",
@@ -151,25 +164,16 @@ def test_plan_checks_metric_and_baseline():
 
 def test_bad_space_fails_before_anything_runs(tmp_path):
     """Through the real CLI: exit 2 with one line naming the key; no Ray, no output folder."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
-    r = subprocess.run(
+    r = run_job(
+        "tune.py",
         [
-            sys.executable,
-            str(repo / "jobs/tune.py"),
             "--set",
             f"output_dir={out}",
             "--set",
             "tune.space.adapter.r9={type: choice, values: [1]}",
         ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
+        tmp_path,
     )
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
@@ -182,20 +186,9 @@ def test_bad_space_fails_before_anything_runs(tmp_path):
 def test_resume_of_a_folder_that_is_no_run_fails_in_one_line(job, tmp_path):
     """`--resume` on a folder without the saved config: exit 2, one line naming the folder and
     the missing file and both jobs; nothing is written into the folder."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
     folder = tmp_path / "not-a-run"
     folder.mkdir()
-    r = subprocess.run(
-        [sys.executable, str(repo / "jobs" / job), "--resume", str(folder)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    r = run_job(job, ["--resume", str(folder)], tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr[-2000:]
@@ -316,19 +309,8 @@ def test_bad_start_fails_in_one_line_before_ray(job, case, tmp_path):
     """A run never reuses a folder (Ray would silently continue or mix into it), and a bad base
     checkpoint or dataset is refused in the driver: exit 2, one line, no Ray started, nothing
     written."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
     args, expect, unchanged = _refusal_case(case, job, tmp_path)
-    r = subprocess.run(
-        [sys.executable, str(repo / "jobs" / job), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    r = run_job(job, args, tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and expect in lines[0], r.stderr[-2000:]
@@ -341,29 +323,18 @@ def test_more_cpus_than_the_local_ray_has_fails_instead_of_waiting(job, tmp_path
     """A local Ray never grows: asking it for more CPUs than the machine has would wait forever
     (Ray's autoscaler only warns). The job shuts its Ray down and names the fields."""
     import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
     cpus = os.cpu_count() or 1
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(repo / "jobs" / job),
-            "--set",
-            f"output_dir={tmp_path / 'out'}",
-            "--set",
-            "data.scenes.num_train=8",
-            "--set",
-            "data.scenes.num_val=2",
-            "--set",
-            f"scaling.cpus_per_worker={cpus + 1}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=tmp_path,
+    sets = [
+        f"output_dir={tmp_path / 'out'}",
+        "data.scenes.num_train=8",
+        "data.scenes.num_val=2",
+        f"scaling.cpus_per_worker={cpus + 1}",
+    ]
+    r = run_job(
+        job,
+        [a for s in sets for a in ("--set", s)],
+        tmp_path,
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )
     assert r.returncode == 2, r.stderr[-2000:]
