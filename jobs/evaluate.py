@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             name = Path(args.adapter).name if "/" in args.adapter else args.adapter
         _check_tasks(model, tasks, args.checkpoint or args.adapter)
         metrics: dict[str, Any] = evaluate_split(cfg, model, tasks, split=args.split)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a path that cannot be read or created
         return fail(e)
     if args.split != "val":
         metrics = {k.replace("val/", f"{args.split}/", 1): v for k, v in metrics.items()}

@@ -260,6 +260,11 @@ def test_corrupt_checkpoint_gives_a_clear_error(reference, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "trained on base weights random-init:tiny:seed=0, this evaluation would use " in err
     assert "random-init:tiny:seed=5" in err and "\n" not in err
+    # a data root that is a file: one line naming it
+    (tmp_path / "afile").write_text("x")
+    assert evaluate_job.main(["--checkpoint", good, "--set", f"data.root={tmp_path}/afile"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and f"{tmp_path}/afile" in err and "\n" not in err
     # a --json path that cannot be written fails before the evaluation, leaving nothing
     assert evaluate_job.main(["--checkpoint", good, "--json", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
