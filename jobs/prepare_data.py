@@ -47,7 +47,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _scene_sources(args: argparse.Namespace, stack: ExitStack) -> dict[str, SplitSource]:
-    """Scenes are fingerprinted by their parameters, and generated only if a split is stale."""
+    """Scenes are fingerprinted by their parameters, and generated only if a split is stale.
+
+    Splits and tasks are checked first: an error must not name a temporary folder that is
+    gone by the time it is printed, nor come after generating every scene.
+    """
+    bad = [s for s in args.splits if s not in ("train", "val")]
+    if bad:
+        raise DatasetError(f"--splits {bad}: generated scenes have the splits train and val")
+    unknown = [t for t in args.tasks or () if t not in DATASET_TASKS["scenes"]]
+    if unknown:
+        raise DatasetError(
+            f"--tasks {unknown}: generated scenes have the tasks {list(DATASET_TASKS['scenes'])}"
+        )
     params = {
         "num_train": args.scenes_train,
         "num_val": args.scenes_val,

@@ -376,3 +376,11 @@ def test_prepare_data_cli_scenes(tmp_path):
         )
     bad = _run_cli(*args[:-4], "--num-classes", "12")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "num_classes" in bad.stderr
+    for extra, expect in [
+        (["--splits", "train", "test"], "error: --splits ['test']: generated scenes have the"),
+        (["--tasks", "semantic", "saliency"], "error: --tasks ['saliency']: generated scenes"),
+    ]:
+        no_root = [*args[:2], *args[4:]]  # scenes in a temporary folder
+        r = _run_cli(*no_root, *extra)
+        assert r.returncode == 2 and r.stderr.strip().startswith(expect), r.stderr
+        assert "generating scenes" not in r.stdout
