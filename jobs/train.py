@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     if base is not None:
         print(f"base weights of {cfg.model.checkpoint} put in the object store ({base[1]})")
     trainer = runner.make_trainer(cfg, name=name, storage=storage, base=base, tracking=tracking)
-    runner.save_run_config(Path(storage) / name, cfg)
+    if "://" not in storage:  # (a URI storage path is no local folder to write into)
+        runner.save_run_config(Path(storage) / name, cfg)
     t0 = time.time()
     metric = "val/delta_m" if cfg.data.baseline else None
     out = runner.outcome_of(trainer.fit(), metric=metric, mode="max")
