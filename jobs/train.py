@@ -3,8 +3,9 @@
     python jobs/train.py --config configs/default.yaml [--set train.epochs=2 ...]
     python jobs/train.py --resume outputs/ray_results/train-default-20261123-120000  # continue
 
-Connects to a running Ray cluster (RAY_ADDRESS, or automatically inside `ray job submit`),
-else starts a local one. Prints the final per-task metrics and where the checkpoint is.
+Connects to a running Ray cluster (RAY_ADDRESS, automatically inside `ray job submit`, or one
+started by `ray start` on this machine), else starts a local one. Prints the final per-task
+metrics and where the checkpoint is.
 """
 
 from __future__ import annotations
