@@ -590,3 +590,24 @@ def test_sync_cli_bad_input_is_one_line_and_exit_2(tmp_path):
         assert expect in (r.stdout + r.stderr).strip().splitlines()[-1], r.stdout + r.stderr
         assert "Traceback" not in r.stderr and spool.read_bytes() == before
     assert not (tmp_path / "m.db").exists()  # the missing spool was found first
+
+
+def test_trials_stopped_from_outside_are_ended_with_the_sweep(sqlite_uri):
+    """ASHA cuts and errors kill a trial's workers before its tracker ends its run: the sweep's
+    end closes every child still RUNNING (KILLED, or FAILED for errors), and nothing else."""
+    from mtsam.tracking.sweep import end_open_trials
+
+    parent = start_sweep_run(sqlite_uri, "asha-cut", run_name="sweep-a")
+    c = _client(sqlite_uri)
+    exp = c.get_run(parent).info.experiment_id
+    ids = {
+        n: c.create_run(exp, run_name=n, tags={PARENT_TAG: parent}).info.run_id
+        for n in ("t_done", "t_cut", "t_err")
+    }
+    c.set_terminated(ids["t_done"], "FINISHED")
+    other = c.create_run(exp, run_name="not-a-trial").info.run_id
+    assert end_open_trials(sqlite_uri, parent, failed=["t_err"]) == ["t_cut", "t_err"]
+    status = {n: c.get_run(i).info.status for n, i in ids.items()}
+    assert status == {"t_done": "FINISHED", "t_cut": "KILLED", "t_err": "FAILED"}
+    assert c.get_run(other).info.status == "RUNNING"
+    assert end_open_trials(sqlite_uri, parent) == []  # a second call finds nothing open

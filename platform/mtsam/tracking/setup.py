@@ -102,9 +102,10 @@ def finish_sweep_tracking(
     out_dir: str,
 ) -> str:
     """Best metrics, the trials table and plot on the parent run; register the best adapter."""
-    from mtsam.tracking.client import find_run
+    from mtsam.tracking.client import find_run, one_line
     from mtsam.tracking.registry import register_adapter
-    from mtsam.tracking.sweep import finish_sweep
+    from mtsam.tracking.sweep import end_open_trials, finish_sweep
+    from mtsam.tracking.uri import http_limits
 
     summary = [
         {
@@ -135,20 +136,38 @@ def finish_sweep_tracking(
     ]
     if not report.complete:
         lines.append(f"  not delivered yet: {report.summary()} (upload later: jobs/sync_mlflow.py)")
-    if best is not None and cfg.tracking.register_as:
-        run_id = find_run(
+    timeout = cfg.tracking.request_timeout_s
+    try:
+        ended = end_open_trials(
             info["uri"],
-            info["experiment"],
-            run_name=best.trial_id,
-            parent_run_id=info["parent_run_id"],
+            info["parent_run_id"],
+            failed=[r.trial_id for r in rows if r.status == "ERROR"],
+            request_timeout_s=timeout,
         )
-        if run_id is None:
-            lines.append(f"  could not register: no MLflow run for trial {best.trial_id}")
-        else:
-            version = register_adapter(info["uri"], run_id=run_id, name=cfg.tracking.register_as)
-            lines.append(
-                f"  registered the best adapter as models:/{cfg.tracking.register_as}/{version}"
-            )
+        if ended:
+            lines.append(f"  ended the MLflow runs of {len(ended)} stopped trials: {ended}")
+    except Exception as e:  # the sweep's results stand; only the bookkeeping is late
+        lines.append(f"  could not end the runs of stopped trials: {one_line(e)}")
+    if best is not None and cfg.tracking.register_as:
+        try:
+            with http_limits(timeout):
+                run_id = find_run(
+                    info["uri"],
+                    info["experiment"],
+                    run_name=best.trial_id,
+                    parent_run_id=info["parent_run_id"],
+                )
+            if run_id is None:
+                lines.append(f"  could not register: no MLflow run for trial {best.trial_id}")
+            else:
+                version = register_adapter(
+                    info["uri"], run_id=run_id, name=cfg.tracking.register_as
+                )
+                lines.append(
+                    f"  registered the best adapter as models:/{cfg.tracking.register_as}/{version}"
+                )
+        except Exception as e:  # a finished sweep must still print its table
+            lines.append(f"  could not register the best adapter: {one_line(e)}")
     if info["uri"].startswith("sqlite:"):
         lines.append(
             f"  open the dashboard: mlflow ui --backend-store-uri {info['uri']} --host 127.0.0.1"

@@ -131,6 +131,37 @@ def finish_sweep(
     return d.report()
 
 
+def end_open_trials(
+    tracking_uri: str,
+    parent_run_id: str,
+    *,
+    failed: Sequence[str] = (),
+    request_timeout_s: float = 10.0,
+) -> list[str]:
+    """End every trial run of the sweep still RUNNING; returns their run names.
+
+    A trial stopped from outside (an ASHA cut, an error, retries used up) has its workers
+    killed, so its own tracker never ends its MLflow run. Those in ``failed`` (run names) end
+    as FAILED, the others as KILLED. Raises for an unreachable back end (the caller reports it).
+    """
+    from mtsam.tracking.client import PARENT_TAG
+
+    with http_limits(request_timeout_s):
+        client = make_client(tracking_uri)
+        exp = client.get_run(parent_run_id).info.experiment_id
+        runs = client.search_runs(
+            [exp],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' "
+            "and attributes.status = 'RUNNING'",
+            max_results=10000,
+        )
+        for r in runs:
+            client.set_terminated(
+                r.info.run_id, "FAILED" if r.info.run_name in failed else "KILLED"
+            )
+    return sorted(r.info.run_name for r in runs)
+
+
 def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     cols: dict[str, None] = {}
     for r in rows:
@@ -182,7 +213,7 @@ def plot_trials(
     *,
     x_key: str = "trainable_params",
     y_key: str = "val/delta_m",
-    group_key: str = "method",
+    group_key: str = "param/adapter.method",
     metric_keys: Sequence[str] | None = None,
 ) -> Path:
     """PNG of the trials: ``y_key`` against ``x_key`` (one colour per ``group_key`` value), then
@@ -233,4 +264,4 @@ def plot_trials(
     return out
 
 
-__all__ = ["SWEEP_PATH_TAG", "finish_sweep", "plot_trials", "start_sweep_run"]
+__all__ = ["SWEEP_PATH_TAG", "end_open_trials", "finish_sweep", "plot_trials", "start_sweep_run"]

@@ -76,7 +76,8 @@ def run(
             tracking = start_sweep_tracking(
                 cfg,
                 sweep_name=name,
-                sweep_path=str(exp_path or storage),
+                # a URI storage has no local folder: the sweep's own URI tells sweeps apart
+                sweep_path=str(exp_path or f"{storage.rstrip('/')}/{name}"),
                 storage=storage,
                 metric=plan.metric,
                 mode=plan.mode,
