@@ -233,6 +233,8 @@ def fit(
         # the trial ended): report its final metrics again so Tune records the result.
         if ctx.is_main:
             log(f"run already complete ({t_cfg.epochs} epochs): reporting its final metrics")
+            if observer is not None:  # its tracker reopened the finished MLflow run: end it
+                observer.on_end("FINISHED")
         ctx.report(dict(final_metrics), None)
         return dict(final_metrics)
     fault = _fault_step()
