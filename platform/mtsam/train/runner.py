@@ -189,7 +189,9 @@ def make_trainer(
         checkpoint_config = ray.train.CheckpointConfig(
             num_to_keep=2,
             checkpoint_score_attribute=metric,
-            checkpoint_score_order=metric_mode(metric, cfg.data.tasks),
+            checkpoint_score_order=metric_mode(metric, cfg.data.tasks)
+            if cfg.tune.mode == "auto"
+            else cfg.tune.mode,
         )
     loop_config = {
         "config": cfg.to_dict(),

@@ -85,14 +85,19 @@ def make_searcher(kind: str, *, metric: str, mode: str, seed: int, max_concurren
 
 
 def make_scheduler(kind: str, *, max_epochs: int, grace_period: int, reduction_factor: float):
-    """FIFO, or ASHA over epochs (``training_iteration`` counts reported epochs)."""
+    """FIFO, or ASHA over the reported ``epoch``.
+
+    Not ``training_iteration``: it restarts from 0 for trials resumed with the sweep, and a
+    trial rejected by the parameter budget (one report, ``epoch`` 0) would enter the first
+    rung with the worst metric and lower its cut.
+    """
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if kind == "fifo":
         return FIFOScheduler()
     if kind == "asha":
         return ASHAScheduler(
-            time_attr="training_iteration",
+            time_attr="epoch",
             max_t=max_epochs,
             grace_period=min(grace_period, max_epochs),
             reduction_factor=reduction_factor,
