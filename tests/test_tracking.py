@@ -611,3 +611,24 @@ def test_trials_stopped_from_outside_are_ended_with_the_sweep(sqlite_uri):
     assert status == {"t_done": "FINISHED", "t_cut": "KILLED", "t_err": "FAILED"}
     assert c.get_run(other).info.status == "RUNNING"
     assert end_open_trials(sqlite_uri, parent) == []  # a second call finds nothing open
+
+
+def test_a_runs_spool_is_in_its_own_run_folder(sqlite_uri, tmp_path):
+    """train.py's run spools into <storage>/<run name>, a trial into <storage>/train-<id> (its
+    Ray Train folder); with a URI storage path, under <output_dir>/mlflow_spools on the node,
+    never into a folder named after the URI inside Ray's temporary working directory."""
+    from mtsam.config import build_config
+    from mtsam.tracking.observer import make_observer
+    from mtsam.tracking.setup import spool_root, tracking_for_run
+
+    cfg = build_config({}, [f"output_dir={tmp_path / 'out'}", f"tracking.uri={sqlite_uri}"])
+    storage = str(tmp_path / "results")
+    assert spool_root(cfg, storage) == storage
+    assert spool_root(cfg, "s3://bucket/runs") == str(
+        (tmp_path / "out").resolve() / "mlflow_spools"
+    )
+    info = tracking_for_run(cfg, run_name="myrun", storage=storage)
+    obs = make_observer(info, cfg)
+    assert obs is not None
+    assert obs.tracker.spool_path.parent == tmp_path / "results" / "myrun" / "mlflow_spool"
+    obs.on_end("FINISHED")

@@ -44,11 +44,7 @@ class TrackingObserver:
         self.mode: str = info.get("mode") or "max"
         self.best: float | None = None
         run_name = str(info["run_name"])
-        spool = (
-            Path(info["spool_root"])
-            / (run_name if run_name.startswith("train-") else f"train-{run_name}")
-            / "mlflow_spool"
-        )
+        spool = Path(info["spool_root"]) / str(info["run_folder"]) / "mlflow_spool"
         self.tracker = RunTracker(
             info["uri"],
             info["experiment"],

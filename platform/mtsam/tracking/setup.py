@@ -40,6 +40,15 @@ def check_tracking(cfg: ExperimentConfig) -> str:
     return uri
 
 
+def spool_root(cfg: ExperimentConfig, storage: str) -> str:
+    """Where runs keep undelivered MLflow records: beside their Ray Train folders, or, for a URI
+    storage path (s3://, gs://), under ``<output_dir>/mlflow_spools`` on the node (a relative
+    path there would land in Ray's temporary working folder and be lost)."""
+    if "://" in storage:
+        return str(Path(cfg.output_dir).resolve() / "mlflow_spools")
+    return storage
+
+
 def _info(cfg: ExperimentConfig, *, spool_root: str) -> dict[str, Any]:
     uri = check_tracking(cfg)
     return {
@@ -58,8 +67,8 @@ def _info(cfg: ExperimentConfig, *, spool_root: str) -> dict[str, Any]:
 
 def tracking_for_run(cfg: ExperimentConfig, *, run_name: str, storage: str) -> dict[str, Any]:
     """A plain ``jobs/train.py`` run: a top-level MLflow run named ``run_name``."""
-    info = _info(cfg, spool_root=storage)
-    info["run_name"] = run_name
+    info = _info(cfg, spool_root=spool_root(cfg, storage))
+    info["run_name"] = info["run_folder"] = run_name
     if info["metric"]:
         from mtsam.tasks import metric_mode
 
@@ -73,7 +82,7 @@ def start_sweep_tracking(
     """Open (or, on resume, reopen) the sweep's parent run; trials nest under it."""
     from mtsam.tracking.sweep import SWEEP_PATH_TAG, start_sweep_run
 
-    info = _info(cfg, spool_root=storage)
+    info = _info(cfg, spool_root=spool_root(cfg, storage))
     info.update(metric=metric, mode=mode)
     info["parent_run_id"] = start_sweep_run(
         info["uri"],

@@ -86,7 +86,8 @@ def trial_driver(sample: dict[str, Any], ctx: SweepContext) -> None:
         return
     tracking = None
     if ctx.tracking is not None:
-        tracking = dict(ctx.tracking, run_name=trial_id)
+        # the trial's Ray Train folder is train-<trial id>: its spool goes there
+        tracking = dict(ctx.tracking, run_name=trial_id, run_folder=f"train-{trial_id}")
     trainer = make_trainer(
         cfg,
         name=f"train-{trial_id}",
