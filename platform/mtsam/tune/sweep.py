@@ -137,15 +137,17 @@ def run(
     best = best_row(rows, metric=plan.metric, mode=plan.mode)
     text = render(rows, best, plan=plan, path=str(results.experiment_path))
     if tracking is not None:
-        from mtsam.tracking.setup import finish_sweep_tracking
+        from mtsam.tracking.setup import finish_sweep_tracking, spool_root
 
+        # the summary files and the parent run's spool need a local folder
+        local = exp_path if exp_path is not None else Path(spool_root(cfg, storage)) / name
         text += "\n" + finish_sweep_tracking(
             cfg,
             tracking,
             rows=rows,
             best=best,
             metric=plan.metric,
-            out_dir=str(results.experiment_path),
+            out_dir=str(local),
         )
     if best is None:
         raise SweepError(f"no trial finished with a finite {plan.metric}:\n{text}")
