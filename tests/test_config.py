@@ -108,6 +108,7 @@ BAD = [
     ),
     ({}, ["data.baseline.semantic.miou=55.0"], r"data\.baseline\.semantic\.miou = 55\.0.*frac"),
     ({}, ["data.baseline.depth.abs_err=-0.5"], r"abs_err = -0\.5: expected a finite value > 0"),
+    ({}, ["data.baseline.depth.abs_err=0.5"], r"data\.baseline: no metric for tasks \['semantic'"),
     ({}, ["tune.metric=val/semantic/mIoU"], r"tune\.metric = 'val/semantic/mIoU'.*'miou'"),
     ({}, ["adapter.dropout=1.5"], r"adapter\.dropout = 1\.5"),
     ({}, ["train.lr=.inf"], r"train\.lr = inf: .*finite"),

@@ -225,7 +225,9 @@ class SpaceEntry(_Section):
     )
     values: list[Any] | None = Field(None, description="Candidates for choice and grid.")
     low: float | None = Field(None, description="Lower bound for uniform / loguniform / randint.")
-    high: float | None = Field(None, description="Upper bound.")
+    high: float | None = Field(
+        None, description="Upper bound (randint: exclusive, as in Ray Tune)."
+    )
     include_zero: bool = Field(
         False, description="loguniform only: also try exactly 0 (e.g. orth_weight off)."
     )

@@ -96,8 +96,8 @@ def task_metric_directions(tasks: Iterable[TaskSpec | str]) -> dict[str, dict[st
 
 def check_baseline(baseline: Mapping[str, Mapping[str, float]], tasks: Iterable[str]) -> None:
     """Raise ValueError naming ``data.baseline.<task>.<metric>`` for a task not in ``tasks``, a
-    metric the task does not report, a value that is not finite and > 0, or a fraction metric
-    (mIoU, accuracy, ...) given in percent."""
+    metric the task does not report, a value that is not finite and > 0, a fraction metric
+    (mIoU, accuracy, ...) given in percent, or a baseline that leaves out a task."""
     tasks = list(tasks)
     for task, metrics in baseline.items():
         if task not in tasks:
@@ -117,6 +117,12 @@ def check_baseline(baseline: Mapping[str, Mapping[str, float]], tasks: Iterable[
                 raise ValueError(
                     f"{field} = {v}: expected a fraction in (0, 1] (metrics are not in percent)"
                 )
+    missing = [t for t in tasks if not baseline.get(t)]
+    if baseline and missing:
+        raise ValueError(
+            f"data.baseline: no metric for tasks {missing}; delta_m needs every task (or no "
+            "baseline at all)"
+        )
 
 
 def metric_mode(key: str, tasks: Iterable[TaskSpec | str]) -> Literal["max", "min"]:
