@@ -602,13 +602,19 @@ def test_trials_stopped_from_outside_are_ended_with_the_sweep(sqlite_uri):
     exp = c.get_run(parent).info.experiment_id
     ids = {
         n: c.create_run(exp, run_name=n, tags={PARENT_TAG: parent}).info.run_id
-        for n in ("t_done", "t_cut", "t_err")
+        for n in ("t_done", "t_cut", "t_err", "t_torn_down")
     }
     c.set_terminated(ids["t_done"], "FINISHED")
     other = c.create_run(exp, run_name="not-a-trial").info.run_id
-    assert end_open_trials(sqlite_uri, parent, failed=["t_err"]) == ["t_cut", "t_err"]
+    ended = end_open_trials(sqlite_uri, parent, failed=["t_err"], finished=["t_torn_down"])
+    assert ended == ["t_cut", "t_err", "t_torn_down"]
     status = {n: c.get_run(i).info.status for n, i in ids.items()}
-    assert status == {"t_done": "FINISHED", "t_cut": "KILLED", "t_err": "FAILED"}
+    assert status == {
+        "t_done": "FINISHED",
+        "t_cut": "KILLED",
+        "t_err": "FAILED",
+        "t_torn_down": "FINISHED",
+    }
     assert c.get_run(other).info.status == "RUNNING"
     assert end_open_trials(sqlite_uri, parent) == []  # a second call finds nothing open
 
@@ -624,9 +630,9 @@ def test_a_runs_spool_is_in_its_own_run_folder(sqlite_uri, tmp_path):
     cfg = build_config({}, [f"output_dir={tmp_path / 'out'}", f"tracking.uri={sqlite_uri}"])
     storage = str(tmp_path / "results")
     assert spool_root(cfg, storage) == storage
-    assert spool_root(cfg, "s3://bucket/runs") == str(
-        (tmp_path / "out").resolve() / "mlflow_spools"
-    )
+    assert spool_root(cfg, "s3://bucket/runs") == str(tmp_path / "out" / "mlflow_spools")
+    relative = build_config({}, ["output_dir=outputs"])  # e.g. under `ray job submit`
+    assert spool_root(relative, "s3://b/r") == str(Path.home() / "mtsam_mlflow_spools")
     info = tracking_for_run(cfg, run_name="myrun", storage=storage)
     obs = make_observer(info, cfg)
     assert obs is not None

@@ -341,3 +341,21 @@ def test_more_cpus_than_the_local_ray_has_fails_instead_of_waiting(job, tmp_path
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: scaling: one run needs {cpus + 1}") and "local Ray" in last
     assert not (tmp_path / "out" / "ray_results").exists()
+
+
+def test_checkpoints_rank_by_their_metric_in_its_direction():
+    """An explicit tune.mode is the direction of tune.metric only: train.py ranks checkpoints
+    by delta_m (higher is better) even when the sweep metric is an error to minimise."""
+    from mtsam.train.runner import score_order
+
+    full = [
+        "data.baseline.semantic.miou=0.1",
+        "data.baseline.depth.abs_err=1",
+        "data.baseline.normal.mean_deg=40",
+    ]
+    cfg = build_config({}, [*full, "tune.metric=val/depth/abs_err", "tune.mode=min"])
+    assert score_order(cfg, "val/delta_m") == "max"
+    assert score_order(cfg, "val/depth/abs_err") == "min"
+    forced = build_config({}, ["tune.metric=val/semantic/miou", "tune.mode=min"])
+    assert score_order(forced, "val/semantic/miou") == "min"  # as the user asked
+    assert score_order(build_config({}), "val/normal/within_30") == "max"

@@ -42,11 +42,13 @@ def check_tracking(cfg: ExperimentConfig) -> str:
 
 def spool_root(cfg: ExperimentConfig, storage: str) -> str:
     """Where runs keep undelivered MLflow records: beside their Ray Train folders, or, for a URI
-    storage path (s3://, gs://), under ``<output_dir>/mlflow_spools`` on the node (a relative
-    path there would land in Ray's temporary working folder and be lost)."""
-    if "://" in storage:
-        return str(Path(cfg.output_dir).resolve() / "mlflow_spools")
-    return storage
+    storage path (s3://, gs://), on the node: under ``<output_dir>/mlflow_spools`` when
+    ``output_dir`` is absolute, else ``~/mtsam_mlflow_spools`` (a relative path would resolve
+    into the temporary working folder of ``ray job submit`` and be lost with it)."""
+    if "://" not in storage:
+        return storage
+    out = Path(cfg.output_dir).expanduser()
+    return str(out / "mlflow_spools" if out.is_absolute() else Path.home() / "mtsam_mlflow_spools")
 
 
 def _info(cfg: ExperimentConfig, *, spool_root: str) -> dict[str, Any]:
@@ -151,6 +153,12 @@ def finish_sweep_tracking(
             info["uri"],
             info["parent_run_id"],
             failed=[r.trial_id for r in rows if r.status == "ERROR"],
+            finished=[
+                r.trial_id
+                for r in rows
+                if r.status == "TERMINATED"
+                and r.epochs >= int(r.sample.get("train.epochs", cfg.train.epochs))
+            ],
             request_timeout_s=timeout,
         )
         if ended:

@@ -136,13 +136,15 @@ def end_open_trials(
     parent_run_id: str,
     *,
     failed: Sequence[str] = (),
+    finished: Sequence[str] = (),
     request_timeout_s: float = 10.0,
 ) -> list[str]:
     """End every trial run of the sweep still RUNNING; returns their run names.
 
     A trial stopped from outside (an ASHA cut, an error, retries used up) has its workers
-    killed, so its own tracker never ends its MLflow run. Those in ``failed`` (run names) end
-    as FAILED, the others as KILLED. Raises for an unreachable back end (the caller reports it).
+    killed, so its own tracker never ends its MLflow run; nor does a trial torn down right after
+    its last report. Those in ``failed`` (run names) end as FAILED, those in ``finished`` (all
+    epochs trained) as FINISHED, the others as KILLED. Raises for an unreachable back end.
     """
     from mtsam.tracking.client import PARENT_TAG
 
@@ -156,9 +158,9 @@ def end_open_trials(
             max_results=10000,
         )
         for r in runs:
-            client.set_terminated(
-                r.info.run_id, "FAILED" if r.info.run_name in failed else "KILLED"
-            )
+            name = r.info.run_name
+            status = "FAILED" if name in failed else "FINISHED" if name in finished else "KILLED"
+            client.set_terminated(r.info.run_id, status)
     return sorted(r.info.run_name for r in runs)
 
 

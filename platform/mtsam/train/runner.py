@@ -158,6 +158,16 @@ class TrainOutcome:
     error: str | None
 
 
+def score_order(cfg: ExperimentConfig, metric: str) -> str:
+    """ "max" or "min" for ranking checkpoints by ``metric``: an explicit ``tune.mode`` is the
+    direction of ``tune.metric`` and of no other metric; otherwise the metric's own."""
+    from mtsam.tasks import metric_mode
+
+    if metric == cfg.tune.metric and cfg.tune.mode != "auto":
+        return cfg.tune.mode
+    return metric_mode(metric, cfg.data.tasks)
+
+
 def make_trainer(
     cfg: ExperimentConfig,
     *,
@@ -176,8 +186,6 @@ def make_trainer(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mtsam.tasks import metric_mode
-
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
@@ -189,9 +197,7 @@ def make_trainer(
         checkpoint_config = ray.train.CheckpointConfig(
             num_to_keep=2,
             checkpoint_score_attribute=metric,
-            checkpoint_score_order=metric_mode(metric, cfg.data.tasks)
-            if cfg.tune.mode == "auto"
-            else cfg.tune.mode,
+            checkpoint_score_order=score_order(cfg, metric),
         )
     loop_config = {
         "config": cfg.to_dict(),
