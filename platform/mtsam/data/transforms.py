@@ -9,8 +9,8 @@ multiplied by ``s`` instead, the same camera model; MTAN's CityScapes loader div
 well, which would make a zoomed scene look farther away. Normals are resized with nearest
 neighbour too (the authors use bilinear without re-normalising): nearest keeps every vector
 unit length and keeps invalid (all-zero) normals from bleeding into valid ones, so the normal
-and depth validity masks stay identical. Nearest neighbour here means source index ``(i * h) // H`` (PyTorch's
-legacy ``"nearest"``), computed in integers so it is exact.
+and depth validity masks stay identical. Nearest neighbour here means source index
+``(i * h) // H`` (PyTorch's legacy ``"nearest"``), computed in integers so it is exact.
 
 Horizontal flip with probability 0.5 mirrors every map and negates the normals' x-component
 (camera frame, x to the right).

@@ -146,14 +146,14 @@ def end_open_trials(
     its last report. Those in ``failed`` (run names) end as FAILED, those in ``finished`` (all
     epochs trained) as FINISHED, the others as KILLED. Raises for an unreachable back end.
     """
-    from mtsam.tracking.client import PARENT_TAG
+    from mtsam.tracking.client import PARENT_TAG, _quote
 
     with http_limits(request_timeout_s):
         client = make_client(tracking_uri)
         exp = client.get_run(parent_run_id).info.experiment_id
         runs = client.search_runs(
             [exp],
-            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' "
+            filter_string=f"tags.`{PARENT_TAG}` = {_quote(parent_run_id)} "
             "and attributes.status = 'RUNNING'",
             max_results=10000,
         )

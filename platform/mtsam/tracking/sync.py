@@ -11,6 +11,7 @@ import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mtsam.tracking.delivery import Deliverer, DeliveryReport, RunTarget
 from mtsam.tracking.spool import Spool, find_spools
@@ -44,21 +45,25 @@ def sync_spool(
             except OSError:
                 results.append(SyncResult(spool.path, None, "skipped: a tracker is writing it"))
                 continue
-            header, _ = spool.load()
+            header, ops = spool.load()
             if not tracking_uri and not header.get("tracking_uri"):
                 note = "skipped: its header names no tracking URI (pass one to sync it)"
                 results.append(SyncResult(spool.path, None, note))
                 continue
-            results.append(
-                SyncResult(spool.path, _sync_one(spool, tracking_uri, request_timeout_s))
-            )
+            report = _sync_one(spool, header, ops, tracking_uri, request_timeout_s)
+            results.append(SyncResult(spool.path, report))
         finally:
             os.close(fd)
     return results
 
 
-def _sync_one(spool: Spool, tracking_uri: str | None, timeout_s: float) -> DeliveryReport:
-    header, ops = spool.load()
+def _sync_one(
+    spool: Spool,
+    header: dict[str, Any],
+    ops: list[dict[str, Any]],
+    tracking_uri: str | None,
+    timeout_s: float,
+) -> DeliveryReport:
     target = RunTarget.from_header(header, tracking_uri=tracking_uri)
     d = Deliverer(target, spool, request_timeout_s=timeout_s, reopen=False)
     d.adopt(ops)

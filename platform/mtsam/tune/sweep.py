@@ -25,10 +25,9 @@ class Plan:
 
 def plan(cfg: ExperimentConfig) -> Plan:
     """Check what only a sweep needs, before anything starts; one-line errors name the key."""
-    from mtsam.tasks import build_tasks, metric_mode
+    from mtsam.train.runner import score_order
 
     metric = cfg.tune.metric
-    tasks = build_tasks(cfg.data.tasks, num_classes=cfg.data.classes)
     # The config has checked that a per-task metric exists; delta_m also needs a baseline.
     if metric == "val/delta_m":
         missing = [t for t in cfg.data.tasks if t not in cfg.data.baseline]
@@ -37,8 +36,7 @@ def plan(cfg: ExperimentConfig) -> Plan:
                 f"config error: tune.metric = 'val/delta_m' needs data.baseline for every task; "
                 f"missing {missing}"
             )
-    mode = metric_mode(metric, tasks) if cfg.tune.mode == "auto" else cfg.tune.mode
-    return Plan(metric=metric, mode=mode)
+    return Plan(metric=metric, mode=score_order(cfg, metric))
 
 
 @dataclass
