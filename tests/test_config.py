@@ -120,6 +120,11 @@ BAD = [
     ({}, ["adapter.scaling=.nan"], r"adapter\.scaling = nan: .*finite"),
     ({}, ["adapter.scaling=0"], r"adapter\.scaling = 0: .*greater than 0"),
     ({}, ["train.task_weights.depth=.inf"], r"train\.task_weights\.depth"),
+    ({}, ["train.epochs=true"], r"train\.epochs = True: expected a number, not true/false"),
+    ({}, ["adapter.dropout=false"], r"adapter\.dropout = False: expected a number"),
+    ({}, ["data.num_classes=true"], r"data\.num_classes = True: expected a number"),
+    ({}, ["data.augment=1"], r"data\.augment = 1: expected true or false"),
+    ({}, ["data.augment=maybe"], r"data\.augment = 'maybe': expected true or false"),
 ]
 
 

@@ -15,10 +15,18 @@ import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # Tasks each dataset provides, and the default class count of its semantic labels.
 DATASET_TASKS: dict[str, tuple[str, ...]] = {
@@ -39,6 +47,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_number_mixing(cls, value: Any, info: ValidationInfo) -> Any:
+        """Pydantic's lax mode reads ``epochs: true`` as 1 and ``augment: 1`` as true; a
+        switch and a number are never confused here (strings such as '1e-3' still parse)."""
+        field = cls.model_fields[info.field_name]  # type: ignore[index]
+        kinds = set(get_args(field.annotation)) or {field.annotation}
+        if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+            raise ValueError("expected a number, not true/false")
+        if kinds == {bool} and not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
 
 
 class ModelConfig(_Section):
