@@ -167,7 +167,12 @@ def test_reference_run_reports_and_checkpoints_every_epoch(reference):
     assert [r["epoch"] for r in reports] == [1, 2]
     for r in reports:
         assert all(math.isfinite(v) for k, v in r.items() if isinstance(v, float)), r
-        assert r["train/lr"] >= 0 and r["train/step_time_s"] > 0
+        assert r["train/step_time_s"] > 0
+    # train/lr is the rate of each epoch's last step: warm-up round(0.05 * 16) = 1 step, then
+    # linear decay 1 - (s - 1) / 15 at step s (steps 7 and 15; the rate *after* the run is 0).
+    assert (cfg.train.schedule, cfg.train.warmup_frac, STEPS_PER_EPOCH) == ("linear", 0.05, 8)
+    expected = [cfg.train.lr * (1 - (s - 1) / 15) for s in (7, 15)]
+    assert [r["train/lr"] for r in reports] == pytest.approx(expected, rel=1e-12)
     state = load_train_state(root / "checkpoint_0002")
     assert state["epoch"] == 1 and state["step"] == 2 * STEPS_PER_EPOCH
     assert state["config"] == cfg.to_dict()

@@ -107,6 +107,7 @@ class EpochStats:
     step_time_s: float = 0.0
     images_per_s: float = 0.0
     steps: int = 0
+    lr: float = 0.0  # the learning rate the epoch's last optimizer step used
 
 
 def _fault_step() -> tuple[int, str] | None:
@@ -284,7 +285,7 @@ def fit(
             {
                 "train/step_time_s": stats.step_time_s,
                 "train/images_per_s": stats.images_per_s,
-                "train/lr": scheduler.get_last_lr()[0],
+                "train/lr": stats.lr,
                 "trainable_params": n_trainable,
                 "epoch": epoch + 1,
             }
@@ -321,6 +322,7 @@ def _train_epoch(
     sums = {t.name: 0.0 for t in tasks} | {"total": 0.0, "orth_reg": 0.0, "balance": 0.0}
     n_steps, images, busy = 0, 0, 0.0
     local_loss = 0.0  # this worker's own mean loss, for the progress line only
+    lr = optimizer.param_groups[0]["lr"]
     it = iter(loader)
     for s in range(steps_per_epoch):
         t0 = time.perf_counter()
@@ -368,6 +370,7 @@ def _train_epoch(
         if failure:
             optimizer.zero_grad(set_to_none=True)
             return EpochStats(), step, failure
+        lr = optimizer.param_groups[0]["lr"]  # the scheduler has set this step's value
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -392,6 +395,7 @@ def _train_epoch(
             step_time_s=step_time,
             images_per_s=per_step_images / step_time if step_time > 0 else 0.0,
             steps=n_steps,
+            lr=lr,
         ),
         step,
         None,
