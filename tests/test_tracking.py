@@ -4,6 +4,7 @@ logged, read back through MLflow's own client."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -638,3 +639,49 @@ def test_a_runs_spool_is_in_its_own_run_folder(sqlite_uri, tmp_path):
     assert obs is not None
     assert obs.tracker.spool_path.parent == tmp_path / "results" / "myrun" / "mlflow_spool"
     obs.on_end("FINISHED")
+
+
+def test_a_restarted_run_keeps_its_best_adapter(sqlite_uri, tmp_path):
+    """The run holds the adapter of its best epoch. A worker restart resumes from a checkpoint
+    carrying the observer's state: a later, worse epoch must not replace that adapter (which
+    ``register_as`` would then register), as it did when the best value started afresh."""
+    from mtsam.config import build_config
+    from mtsam.tracking.observer import make_observer
+    from mtsam.tracking.setup import tracking_for_run
+
+    cfg = build_config(
+        {},
+        [
+            f"output_dir={tmp_path / 'out'}",
+            f"tracking.uri={sqlite_uri}",
+            "tune.metric=val/semantic/miou",
+        ],
+    )
+    info = tracking_for_run(cfg, run_name="restarted", storage=str(tmp_path / "results"))
+    assert (info["metric"], info["mode"]) == ("val/semantic/miou", "max")
+
+    def epoch(obs, n: int, miou: float) -> None:
+        d = tmp_path / f"adapter_{n}"
+        d.mkdir()
+        (d / "adapter.json").write_text(json.dumps({"epoch": n}))
+        obs.on_epoch(n, {"val/semantic/miou": miou}, pictures=None, adapter_dir=d)
+
+    first = make_observer(info, cfg)
+    epoch(first, 1, 0.5)
+    epoch(first, 2, 0.6)
+    saved = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+    assert saved == {"best": 0.6}
+    run_id = first.tracker.run_id
+    assert first.tracker.flush()  # delivered; then the worker dies without ending the run
+
+    again = make_observer(info, cfg)  # the restarted worker reopens the same run
+    assert again.tracker.run_id == run_id
+    again.load_state_dict(saved)
+    epoch(again, 3, 0.55)
+    again.on_end("FINISHED")
+
+    c = _client(sqlite_uri)
+    got = c.download_artifacts(run_id, "adapter/adapter.json", str(tmp_path / "dl"))
+    assert json.loads(Path(got).read_text()) == {"epoch": 2}
+    history = c.get_metric_history(run_id, "val/semantic/miou")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.6), (3, 0.55)]

@@ -204,6 +204,43 @@ def test_resume_after_stop_is_bit_exact(reference, tmp_path):
             assert torch.equal(a["optimizer"]["state"][i][name], s[name]), (i, name)
 
 
+class _CountingObserver:
+    """A loop observer whose state is the number of epochs it has seen."""
+
+    def __init__(self) -> None:
+        self.seen, self.loaded = 0, None
+
+    def on_start(self, model, param_counts) -> None:
+        pass
+
+    def on_epoch(self, epoch, metrics, *, pictures, adapter_dir) -> None:
+        self.seen += 1
+
+    def on_end(self, status, message="") -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state) -> None:
+        self.loaded = dict(state)
+        self.seen = state["seen"]
+
+
+def test_observer_state_travels_in_checkpoints(reference, tmp_path):
+    """Each checkpoint holds the observer's state after that epoch's hook; a resumed run hands
+    it back before training (the tracker's best value survives a worker restart)."""
+    cfg, _, _, _ = reference
+    first = _CountingObserver()
+    fit(cfg, local_context(tmp_path / "a"), log=lambda s: None, observer=first)
+    states = [load_train_state(tmp_path / "a" / f"checkpoint_000{e}")["extra"] for e in (1, 2)]
+    assert [s["observer"] for s in states] == [{"seen": 1}, {"seen": 2}]
+    resumed = _CountingObserver()
+    ctx = local_context(tmp_path / "b", resume=tmp_path / "a" / "checkpoint_0001")
+    fit(cfg, ctx, log=lambda s: None, observer=resumed)
+    assert resumed.loaded == {"seen": 1} and resumed.seen == 2
+
+
 def test_nan_stops_with_task_and_step_and_keeps_last_good_checkpoint(
     reference, tmp_path, monkeypatch
 ):

@@ -1,7 +1,8 @@
 """Rank 0's loop observer: records one training run (one Tune trial) in MLflow.
 
 Per epoch: metrics at step = epoch; prediction pictures on drawing epochs; the adapter
-whenever the optimised metric improves (so the run holds its best adapter). At the start:
+whenever the optimised metric improves (so the run holds its best adapter; the best value
+travels in each checkpoint, so a restarted run keeps it). At the start:
 params (the flattened resolved config and trainable counts by group), tags, and the
 parameter-growth plot. Never raises for the back end (see :class:`RunTracker`).
 """
@@ -113,6 +114,17 @@ class TrackingObserver:
             self.best = float(value)
             return True
         return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: the best value whose adapter the MLflow run holds."""
+        return {"best": self.best}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """After a restart, only an epoch better than the pre-restart best replaces the
+        run's adapter (``register_as`` then registers the best one)."""
+        best = state.get("best")
+        if isinstance(best, (int, float)) and not isinstance(best, bool) and math.isfinite(best):
+            self.best = float(best)
 
     @_guarded
     def on_end(self, status: str, message: str = "") -> None:

@@ -56,6 +56,14 @@ class LoopObserver(Protocol):
 
     def on_end(self, status: str, message: str = "") -> None: ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state saved in each checkpoint (after that epoch's ``on_epoch``)."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()`` of the checkpoint a run resumes from."""
+        ...
+
 
 @dataclass
 class BaseWeights:
@@ -211,6 +219,8 @@ def fit(
             start_epoch, step = state["epoch"] + 1, state["step"]
             set_rng_state(state["rng"])
             final_metrics = state["extra"].get("metrics") or {}
+            if observer is not None and ctx.is_main:
+                observer.load_state_dict(state["extra"].get("observer") or {})
             if ctx.is_main:
                 log(f"resumed from {ckpt_dir} after epoch {state['epoch'] + 1}")
 
@@ -462,17 +472,10 @@ def _report_epoch(
         ctx.report(metrics, None)
         return
     with scratch_dir() as d:
-        save_train_state(
-            d,
-            trainable=model.trainable_state_dict(),
-            optimizer=optimizer,
-            scheduler=scheduler,
-            epoch=epoch,
-            step=step,
-            config=cfg.to_dict(),
-            extra={"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
-        )
         save_adapter(model, d / "adapter", overwrite=True)
+        extra: dict[str, Any] = {
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        }
         if observer is not None:
             last = epoch + 1 == cfg.train.epochs
             pictures = None
@@ -486,6 +489,17 @@ def _report_epoch(
                     stacked=cfg.train.stacked,
                 )
             observer.on_epoch(epoch + 1, metrics, pictures=pictures, adapter_dir=d / "adapter")
+            extra["observer"] = observer.state_dict()  # e.g. the best value its run holds
+        save_train_state(
+            d,
+            trainable=model.trainable_state_dict(),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            epoch=epoch,
+            step=step,
+            config=cfg.to_dict(),
+            extra=extra,
+        )
         ctx.report(metrics, d)
 
 
