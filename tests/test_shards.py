@@ -152,6 +152,17 @@ def test_training_reads_scenes_shards_and_checks_their_benchmark(tmp_path):
         DatasetError, match=r"out/manifest\.json: shards of 'scenes', but data\.data"
     ):
         runner.prepare_data(wrong)
+    # The manifest keeps the class count: a config with other classes fails here, naming the
+    # manifest, not in the loss of every worker.
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_classes"] == 6
+    classes = build_config({}, [*sets, "data.num_classes=5"])
+    with pytest.raises(
+        DatasetError, match=r"out/manifest\.json: shards with 6 semantic classes, but the "
+        r"config has 5 \(data\.num_classes\)"
+    ):
+        runner.prepare_data(classes)
+    no_semantic = build_config({}, [*sets, "data.num_classes=5", "data.tasks=[depth]"])
+    assert runner.prepare_data(no_semantic) == tmp_path / "out"
 
 
 def test_rerun_is_noop_and_changed_input_rewrites(tmp_path):
@@ -384,3 +395,14 @@ def test_prepare_data_cli_scenes(tmp_path):
         r = _run_cli(*no_root, *extra)
         assert r.returncode == 2 and r.stderr.strip().startswith(expect), r.stderr
         assert "generating scenes" not in r.stdout
+
+
+def test_splits_with_different_class_counts_are_refused(tmp_path):
+    write_nyuv2(tmp_path / "src", n=2)
+    write_nyuv2(tmp_path / "src", n=2, split="val")
+    src = sources(tmp_path / "src", ("train",)) | sources(
+        tmp_path / "src", ("val",), num_classes=14
+    )
+    with pytest.raises(DatasetError, match=r"out/val: 14 semantic classes, other splits have 13"):
+        write_shards(tmp_path / "out", src, dataset="nyuv2", validate=False)
+    assert not (tmp_path / "out").exists()  # refused before anything is written

@@ -38,6 +38,8 @@ class ShardDataset(DenseDataset):
         manifest = load_manifest(self.root, splits=[split], verify=verify)
         self.available_tasks = tuple(manifest["tasks"])
         self.dataset_name = manifest["dataset"]
+        classes = manifest.get("num_classes")  # None in shard sets written before it was kept
+        self.num_classes = int(classes) if isinstance(classes, int) else None
         reader = READERS.get(self.dataset_name)
         self.inverse_depth = reader is not None and reader.inverse_depth
         chosen = self.available_tasks if tasks is None else tasks

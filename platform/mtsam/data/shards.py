@@ -268,6 +268,12 @@ def write_shards(
             raise DatasetError(f"{out}: split {split!r} is augmented; shards store raw samples")
         if validate and hasattr(ds, "validate_all"):
             ds.validate_all()
+    classes: int | None = old.get("num_classes") if keep and old else None
+    for split, ds in opened.items():
+        n = getattr(ds, "num_classes", None)  # the readers' semantic class count
+        if classes is not None and n is not None and n != classes:
+            raise DatasetError(f"{out / split}: {n} semantic classes, other splits have {classes}")
+        classes = classes if n is None else int(n)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     tasks: list[str] | None = list(old["tasks"]) if keep and old else None
@@ -290,6 +296,7 @@ def write_shards(
         "dataset": dataset,
         "tasks": tasks,
         "columns": columns,
+        "num_classes": classes,
         "samples_per_shard": samples_per_shard,
         "splits": {s: splits[s] for s in sources},
     }

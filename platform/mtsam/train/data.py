@@ -38,10 +38,19 @@ def open_split(
         ds = ShardDataset(
             root, split, tasks=tuple(tasks), augment=augment, seed=seed, verify=verify
         )
+        manifest = Path(root) / "manifest.json"
         if ds.dataset_name != dataset:
             raise DatasetError(
-                f"{Path(root) / 'manifest.json'}: shards of {ds.dataset_name!r}, "
-                f"but data.dataset = {dataset!r}"
+                f"{manifest}: shards of {ds.dataset_name!r}, but data.dataset = {dataset!r}"
+            )
+        if (
+            "semantic" in ds.tasks
+            and None not in (num_classes, ds.num_classes)
+            and num_classes != ds.num_classes
+        ):
+            raise DatasetError(
+                f"{manifest}: shards with {ds.num_classes} semantic classes, but the config "
+                f"has {num_classes} (data.num_classes)"
             )
         return ds
     return open_dataset(
