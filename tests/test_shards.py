@@ -157,8 +157,9 @@ def test_training_reads_scenes_shards_and_checks_their_benchmark(tmp_path):
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_classes"] == 6
     classes = build_config({}, [*sets, "data.num_classes=5"])
     with pytest.raises(
-        DatasetError, match=r"out/manifest\.json: shards with 6 semantic classes, but the "
-        r"config has 5 \(data\.num_classes\)"
+        DatasetError,
+        match=r"out/manifest\.json: shards with 6 semantic classes, but the "
+        r"config has 5 \(data\.num_classes\)",
     ):
         runner.prepare_data(classes)
     no_semantic = build_config({}, [*sets, "data.num_classes=5", "data.tasks=[depth]"])
