@@ -7,7 +7,8 @@
 --checkpoint takes a training checkpoint folder (train_state.pt + adapter/): the config stored
 in it gives the model and the data (--config replaces the data section, --set overrides any
 key). --adapter takes a saved adapter folder or an MLflow URI (models:/..., runs:/...): the
-adapter describes the model; the data come from --config (default configs/default.yaml).
+adapter describes the model; the data come from --config (default configs/default.yaml), and
+--set of model.* or adapter.* keys is refused (model.checkpoint excepted).
 A random base (no --base-checkpoint, no checkpoint in the config) is rebuilt from the seed the
 adapter recorded, so it is the same random base the adapter was trained on. --json FILE also
 writes the metrics at full precision.
@@ -151,6 +152,18 @@ def evaluate_split(cfg, model, tasks, *, split: str) -> dict[str, float]:
     return flat_metrics(results, cfg.data.baseline or None, task_metric_directions(tasks))
 
 
+def _refuse_model_overrides(overrides: list[str]) -> None:
+    """With --adapter the adapter fixes the model: a ``--set`` of model.* or adapter.* would
+    be ignored without a word, so it is refused (model.checkpoint, the base, is honoured)."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key.split(".")[0] in ("model", "adapter") and key != "model.checkpoint":
+            raise ValueError(
+                f"--set {key}: --adapter fixes the model and the adapter; only "
+                "model.checkpoint (the base weights) may be set beside it"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     which = ap.add_mutually_exclusive_group(required=True)
@@ -180,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from mtsam.cli import load_cli_config
 
+            _refuse_model_overrides(args.set)
             cfg = load_cli_config(args.config or DEFAULT_CONFIG, args.set)
             tasks = build_tasks(cfg.data.tasks, num_classes=cfg.data.classes)
             base = args.base_checkpoint or cfg.model.checkpoint

@@ -316,7 +316,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(reference, tmp_path, capsys):
     ) == [tmp_path.name]
 
 
-def test_evaluate_cli_reproduces_the_metrics_the_run_reported(reference, tmp_path):
+def test_evaluate_cli_reproduces_the_metrics_the_run_reported(reference, tmp_path, capsys):
     """jobs/evaluate.py in a fresh process, on the epoch-1 checkpoint and on its adapter folder,
     gives the val metrics reported for epoch 1 (same split, same batches: equal to 1e-9)."""
     cfg, reports, root, _ = reference
@@ -360,3 +360,9 @@ def test_evaluate_cli_reproduces_the_metrics_the_run_reported(reference, tmp_pat
     got2 = json.loads(out2.read_text())
     for k, v in want.items():
         assert got2[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+    # The adapter fixes the model: a model or adapter override would be ignored, so refused.
+    capsys.readouterr()
+    for key in ("adapter.r1=8", "model.preset=vit_b"):
+        assert evaluate_job.main(["--adapter", adapter, f"--set={key}", *data_args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --set {key.partition('=')[0]}: --adapter fixes the model")
