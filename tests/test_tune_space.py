@@ -359,3 +359,22 @@ def test_checkpoints_rank_by_their_metric_in_its_direction():
     forced = build_config({}, ["tune.metric=val/semantic/miou", "tune.mode=min"])
     assert score_order(forced, "val/semantic/miou") == "min"  # as the user asked
     assert score_order(build_config({}), "val/normal/within_30") == "max"
+
+
+def test_trial_id_is_read_from_tune_folder_names():
+    """A trial that failed before reporting has no trial_id in its metrics: the summary and
+    the MLflow bookkeeping (ending its run FAILED) read it from the folder Ray Tune names."""
+    import ray.tune
+    from ray.tune.experiment import Trial
+
+    from mtsam.tune.driver import trial_driver, trial_id_of_folder
+
+    ray.tune.register_trainable(trial_driver.__name__, lambda config: None)  # no Ray started
+    tag = "0_adapter_method=tora,train_lr=0.0019"
+    for trial in (
+        Trial(trial_driver.__name__, config={}, experiment_tag=tag, trial_id="e1d52_00003"),
+        Trial(trial_driver.__name__, config={}, experiment_tag=tag),  # Ray's own id form
+    ):
+        folder = f"/results/sweep/{trial._generate_dirname()}"
+        assert trial_id_of_folder(folder) == trial.trial_id, folder
+    assert trial_id_of_folder("/results/sweep/elsewhere") == "elsewhere"

@@ -10,6 +10,7 @@ trainer: it reports ``rejected = 1`` and the worst possible value of the metric.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ def summarise(results: Any, *, metric: str, mode: str) -> list[TrialRow]:
         n = metrics.get("trainable_params")
         rows.append(
             TrialRow(
-                trial_id=r.metrics.get("trial_id", Path(str(r.path)).name) if r.metrics else "",
+                trial_id=(r.metrics or {}).get("trial_id") or trial_id_of_folder(r.path),
                 status=status,
                 sample=sample,
                 metrics=metrics,
@@ -159,6 +160,15 @@ def best_row(rows: list[TrialRow], *, metric: str, mode: str) -> TrialRow | None
         return None
     key = lambda r: r.metrics[metric]  # noqa: E731
     return max(ok, key=key) if mode == "max" else min(ok, key=key)
+
+
+def trial_id_of_folder(path: Any) -> str:
+    """The trial id in a Tune trial folder's name, ``trial_driver_<id>_<index>_<tag>_<date>``
+    (ids look like ``e1d52_00000`` in a sweep, ``764d4869`` alone): for a trial that failed
+    before its first report, whose metrics hold no ``trial_id``. The folder name otherwise."""
+    name = Path(str(path)).name
+    m = re.match(rf"{trial_driver.__name__}_([0-9a-f]+(?:_\d{{5}})?)_\d+_", name)
+    return m.group(1) if m else name
 
 
 def _int_or_none(v: Any) -> int | None:
