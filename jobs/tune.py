@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         plan = sweep.plan(cfg)
         base_weights = runner.read_base_weights(cfg)  # checked before Ray starts
-        runner.prepare_data(cfg)
+        runner.prepare_data(cfg, sweep=True)
         if cfg.tracking.enabled:
             from mtsam.tracking.setup import check_tracking
 

@@ -271,7 +271,7 @@ def _refusal_case(case: str, job: str, tmp_path):
         sets += ["data.scenes.height=16", "data.scenes.width=16", "train.batch_size=3"]
         return (
             [a for s in sets for a in ("--set", s)],
-            "train.batch_size = 3 x grad_accum = 1 x 1 workers needs 3 training samples",
+            "train.batch_size = 3 x train.grad_accum = 1 x 1 workers needs 3 training samples",
             lambda: not (out / "ray_results").exists(),  # the scenes cache is complete and kept
         )
     ckpt = tmp_path / "sam.pth"
@@ -378,3 +378,30 @@ def test_trial_id_is_read_from_tune_folder_names():
         folder = f"/results/sweep/{trial._generate_dirname()}"
         assert trial_id_of_folder(folder) == trial.trial_id, folder
     assert trial_id_of_folder("/results/sweep/elsewhere") == "elsewhere"
+
+
+def test_a_sweep_checks_the_largest_batch_its_space_can_sample(tmp_path):
+    """A batch size the search space can sample but the dataset cannot fill would fail every
+    such trial in its workers: the sweep is refused up front, naming the space entry."""
+    from mtsam.config import build_config
+    from mtsam.train import runner
+
+    sets = [f"output_dir={tmp_path}", "data.scenes.num_train=6", "data.scenes.num_val=1"]
+    sets += ["data.scenes.height=16", "data.scenes.width=16", "train.batch_size=2"]
+    grid = build_config({}, [*sets, "tune.space.train.batch_size={type: grid, values: [2, 4]}"])
+    runner.prepare_data(grid, sweep=True)  # 4 x 1 x 1 <= 6
+    accum = build_config(
+        {},
+        [
+            *sets,
+            "tune.space.train.batch_size={type: choice, values: [2, 4]}",
+            "tune.space.train.grad_accum={type: randint, low: 1, high: 3}",  # 1 or 2
+        ],
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"^tune\.space\.train\.batch_size up to 4 x tune\.space\.train\.grad_accum up "
+        r"to 2 x 1 workers needs 8 training samples; .* has 6$",
+    ):
+        runner.prepare_data(accum, sweep=True)
+    runner.prepare_data(accum)  # a plain run ignores the space: 2 x 1 x 1

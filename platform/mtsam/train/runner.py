@@ -122,10 +122,25 @@ def storage_path(cfg: ExperimentConfig) -> str:
     return str(Path(s or Path(cfg.output_dir) / "ray_results").resolve())
 
 
-def prepare_data(cfg: ExperimentConfig) -> Path:
+def _largest_in_sweep(cfg: ExperimentConfig, key: str, base: int) -> tuple[int, str]:
+    """The largest value a sweep can give the integer field ``key``, and how to name it."""
+    entry = cfg.tune.space.get(key)
+    if entry is None:
+        return base, f"{key} = {base}"
+    if entry.type in ("choice", "grid"):
+        top = max(int(v) for v in entry.values or [base])
+    elif entry.type == "randint":
+        top = int(entry.high) - 1  # type: ignore[arg-type]  # Tune's high is exclusive
+    else:
+        return base, f"{key} = {base}"
+    return top, f"tune.space.{key} up to {top}"
+
+
+def prepare_data(cfg: ExperimentConfig, *, sweep: bool = False) -> Path:
     """Generate the scenes (once, atomically) before any worker starts, and open both splits
     once: a missing or malformed dataset, or too few samples for one step, is one error here
-    instead of a traceback from every worker (and every retry)."""
+    instead of a traceback from every worker (and every retry). For a ``sweep`` the step is
+    checked at the largest batch size and accumulation its search space can sample."""
     from mtsam.train.data import open_split
     from mtsam.train.loop import data_root
 
@@ -140,12 +155,15 @@ def prepare_data(cfg: ExperimentConfig) -> Path:
         for split in ("train", "val")
     }
     t, sc = cfg.train, cfg.scaling
-    per_step = t.batch_size * t.grad_accum * sc.num_workers
+    (batch, batch_s), (accum, accum_s) = (
+        _largest_in_sweep(cfg, k, v) if sweep else (v, f"{k} = {v}")
+        for k, v in (("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum))
+    )
+    per_step = batch * accum * sc.num_workers
     if len(splits["train"]) < per_step:  # type: ignore[arg-type]
         raise ValueError(
-            f"train.batch_size = {t.batch_size} x grad_accum = {t.grad_accum} x "
-            f"{sc.num_workers} workers needs {per_step} training samples; {root} has "
-            f"{len(splits['train'])}"  # type: ignore[arg-type]
+            f"{batch_s} x {accum_s} x {sc.num_workers} workers needs {per_step} training "
+            f"samples; {root} has {len(splits['train'])}"  # type: ignore[arg-type]
         )
     return root
 
