@@ -20,12 +20,21 @@ import numpy as np
 import pytest
 import torch
 
+from mtsam.adapters.dropout import BranchDropout
 from mtsam.config import load_config
 from mtsam.tasks import build_tasks, task_metric_directions
+from mtsam.train import loop
 from mtsam.train.context import local_context
 from mtsam.train.data import eval_loader, open_split
 from mtsam.train.evaluate import evaluate, flat_metrics
-from mtsam.train.loop import FAULT_NAN_ENV, NonFiniteLossError, build_model, data_root, fit
+from mtsam.train.loop import (
+    FAULT_NAN_ENV,
+    NonFiniteLossError,
+    build_model,
+    data_root,
+    fit,
+    seed_epoch,
+)
 from mtsam.train.state import STATE_FILE, TrainCheckpointError, load_train_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,13 +189,18 @@ def test_reference_run_reports_and_checkpoints_every_epoch(reference):
     assert sum(line.startswith("[epoch ") for line in lines) == 2
 
 
-def test_resume_after_stop_is_bit_exact(reference, tmp_path):
+def test_resume_after_stop_is_bit_exact(reference, tmp_path, monkeypatch):
     """Resuming from the epoch-1 checkpoint replays epoch 2 exactly (CPU, same thread count):
     identical trainable tensors, optimizer moments and every reported metric but timings."""
     cfg, reports, root, _ = reference
     ctx = local_context(tmp_path / "ckpt", resume=root / "checkpoint_0001")
     lines: list[str] = []
+    seeded: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(
+        loop, "seed_epoch", lambda *a: (seeded.append(a), seed_epoch(*a))[-1], raising=True
+    )
     fit(cfg, ctx, log=lines.append)
+    assert seeded == [(cfg.seed, 1, 0)]  # epoch 2 of rank 0 draws its own stream
 
     assert [r["epoch"] for r in ctx.reports] == [2]
     assert any(line.startswith(f"resumed from {root / 'checkpoint_0001'}") for line in lines)
@@ -366,3 +380,23 @@ def test_evaluate_cli_reproduces_the_metrics_the_run_reported(reference, tmp_pat
         assert evaluate_job.main(["--adapter", adapter, f"--set={key}", *data_args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: --set {key.partition('=')[0]}: --adapter fixes the model")
+
+
+def test_each_rank_and_epoch_draws_its_own_dropout_masks():
+    """Data-parallel ranks start from one seed (to build one model): the per-epoch seeding
+    gives each (epoch, rank) its own branch-dropout masks, and the same masks again when
+    replayed (a resumed run)."""
+    drop = BranchDropout(0.5).train()
+    x = torch.ones(64, 32)
+
+    def mask(epoch: int, rank: int) -> torch.Tensor:
+        torch.manual_seed(0)  # what every rank did before building the model
+        seed_epoch(0, epoch, rank)
+        return drop(x)[0]
+
+    masks = {(e, r): mask(e, r) for e in (0, 1) for r in (0, 1)}
+    keys = list(masks)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            assert not torch.equal(masks[a], masks[b]), (a, b)
+    assert torch.equal(mask(1, 1), masks[(1, 1)])

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -116,6 +117,18 @@ class EpochStats:
     images_per_s: float = 0.0
     steps: int = 0
     lr: float = 0.0  # the learning rate the epoch's last optimizer step used
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed torch's RNG for one epoch of one rank from (seed, epoch, rank).
+
+    The training steps draw from it (branch-dropout masks, Conv-LoRA's gate noise). Every rank
+    is seeded alike to build the same model; without this, data-parallel ranks would then draw
+    the same masks for their different samples. Seeding per epoch also makes a resumed run
+    draw what the uninterrupted one did, whichever rank's RNG state the checkpoint saved.
+    """
+    words = np.random.SeedSequence([seed % 2**64, epoch, rank]).generate_state(2, np.uint32)
+    torch.manual_seed(int(words[0]) << 32 | int(words[1]))
 
 
 def _fault_step() -> tuple[int, str] | None:
@@ -252,6 +265,7 @@ def fit(
     n_trainable = sum(p.numel() for p in params)
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, t_cfg.epochs):
+        seed_epoch(cfg.seed, epoch, ctx.rank)
         sampler.set_epoch(epoch)
         if hasattr(train_ds, "set_epoch"):
             train_ds.set_epoch(epoch)
