@@ -8,7 +8,7 @@
 in it gives the model and the data (--config replaces the data section, --set overrides any
 key). --adapter takes a saved adapter folder or an MLflow URI (models:/..., runs:/...): the
 adapter describes the model; the data come from --config (default configs/default.yaml), and
---set of model.* or adapter.* keys is refused (model.checkpoint excepted).
+--set of model.* or adapter.* keys is refused (model.checkpoint and model.attention excepted).
 A random base (no --base-checkpoint, no checkpoint in the config) is rebuilt from the seed the
 adapter recorded, so it is the same random base the adapter was trained on. --json FILE also
 writes the metrics at full precision.
@@ -152,15 +152,19 @@ def evaluate_split(cfg, model, tasks, *, split: str) -> dict[str, float]:
     return flat_metrics(results, cfg.data.baseline or None, task_metric_directions(tasks))
 
 
+# With --adapter, the model keys that still apply: the base weights and the attention kernel.
+_ADAPTER_MODEL_KEYS = ("model.checkpoint", "model.attention")
+
+
 def _refuse_model_overrides(overrides: list[str]) -> None:
-    """With --adapter the adapter fixes the model: a ``--set`` of model.* or adapter.* would
-    be ignored without a word, so it is refused (model.checkpoint, the base, is honoured)."""
+    """With --adapter the adapter fixes the model: a ``--set`` of any other model.* or
+    adapter.* key would be ignored without a word, so it is refused."""
     for item in overrides:
         key = item.partition("=")[0].strip()
-        if key.split(".")[0] in ("model", "adapter") and key != "model.checkpoint":
+        if key.split(".")[0] in ("model", "adapter") and key not in _ADAPTER_MODEL_KEYS:
             raise ValueError(
                 f"--set {key}: --adapter fixes the model and the adapter; only "
-                "model.checkpoint (the base weights) may be set beside it"
+                f"{' and '.join(_ADAPTER_MODEL_KEYS)} may be set beside it"
             )
 
 

@@ -380,6 +380,13 @@ def test_evaluate_cli_reproduces_the_metrics_the_run_reported(reference, tmp_pat
         assert evaluate_job.main(["--adapter", adapter, f"--set={key}", *data_args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: --set {key.partition('=')[0]}: --adapter fixes the model")
+    # ... but the attention kernel still applies (segment-anything's own: the same metrics).
+    out3 = tmp_path / "sam_attention.json"
+    args = ["--adapter", adapter, "--set=model.attention=sam", "--json", str(out3), *data_args]
+    assert evaluate_job.main(args) == 0
+    got3 = json.loads(out3.read_text())
+    for k, v in want.items():
+        assert got3[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
 
 
 def test_each_rank_and_epoch_draws_its_own_dropout_masks():
@@ -400,3 +407,21 @@ def test_each_rank_and_epoch_draws_its_own_dropout_masks():
         for b in keys[i + 1 :]:
             assert not torch.equal(masks[a], masks[b]), (a, b)
     assert torch.equal(mask(1, 1), masks[(1, 1)])
+
+
+def test_resume_with_branch_dropout_replays_its_masks(scenes, tmp_path):
+    """The default config trains without dropout; with it, a resumed run must draw the masks
+    the uninterrupted run drew (equal tensors after epoch 2), and the masks must matter (the
+    dropout-free run ends elsewhere)."""
+    torch.set_num_threads(1)
+    short = ["adapter.dropout=0.3", "train.max_steps_per_epoch=2"]
+    cfg = small_config(tmp_path / "o", scenes, *short)
+    fit(cfg, local_context(tmp_path / "a"), log=lambda s: None)
+    ctx = local_context(tmp_path / "b", resume=tmp_path / "a" / "checkpoint_0001")
+    fit(cfg, ctx, log=lambda s: None)
+    a, b = (_trainable(tmp_path / d / "checkpoint_0002") for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = small_config(tmp_path / "o", scenes, "train.max_steps_per_epoch=2")
+    fit(plain, local_context(tmp_path / "c"), log=lambda s: None)
+    c = _trainable(tmp_path / "c" / "checkpoint_0002")
+    assert any(not torch.equal(a[k], c[k]) for k in a if "adapter" in k or ".U" in k)
