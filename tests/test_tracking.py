@@ -670,7 +670,7 @@ def test_a_restarted_run_keeps_its_best_adapter(sqlite_uri, tmp_path):
     epoch(first, 1, 0.5)
     epoch(first, 2, 0.6)
     saved = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
-    assert saved == {"best": 0.6}
+    assert saved["best"] == 0.6
     run_id = first.tracker.run_id
     assert first.tracker.flush()  # delivered; then the worker dies without ending the run
 
@@ -685,3 +685,15 @@ def test_a_restarted_run_keeps_its_best_adapter(sqlite_uri, tmp_path):
     assert json.loads(Path(got).read_text()) == {"epoch": 2}
     history = c.get_metric_history(run_id, "val/semantic/miou")
     assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.6), (3, 0.55)]
+
+    # A value saved for another ranking (a resume with another tune.metric) or another store
+    # is not used: the observer starts afresh.
+    for changed in ({"metric": "val/depth/abs_err"}, {"mode": "min"}, {"uri": "sqlite:////x.db"}):
+        other = make_observer(info, cfg)
+        other.load_state_dict(saved | changed)
+        assert other.best is None, changed
+        other.on_end("FINISHED")
+    same = make_observer(info, cfg)
+    same.load_state_dict(saved)
+    assert same.best == 0.6
+    same.on_end("FINISHED")

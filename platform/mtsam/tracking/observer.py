@@ -45,6 +45,7 @@ class TrackingObserver:
         self.mode: str = info.get("mode") or "max"
         self.best: float | None = None
         run_name = str(info["run_name"])
+        self._run = {"uri": info["uri"], "experiment": info["experiment"], "run_name": run_name}
         spool = Path(info["spool_root"]) / str(info["run_folder"]) / "mlflow_spool"
         self.tracker = RunTracker(
             info["uri"],
@@ -115,13 +116,21 @@ class TrackingObserver:
             return True
         return False
 
+    def _identity(self) -> dict[str, Any]:
+        """Which MLflow run and ranking a saved best value belongs to."""
+        return {**self._run, "metric": self.metric, "mode": self.mode}
+
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: the best value whose adapter the MLflow run holds."""
-        return {"best": self.best}
+        return {"best": self.best, **self._identity()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """After a restart, only an epoch better than the pre-restart best replaces the
-        run's adapter (``register_as`` then registers the best one)."""
+        run's adapter (``register_as`` then registers the best one). A value saved for
+        another run or ranking (a resume with another ``tracking.uri`` or ``tune.metric``)
+        is not used: the run then starts afresh, keeping its first epoch's adapter."""
+        if any(state.get(k) != v for k, v in self._identity().items()):
+            return
         best = state.get("best")
         if isinstance(best, (int, float)) and not isinstance(best, bool) and math.isfinite(best):
             self.best = float(best)
