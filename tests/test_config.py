@@ -125,6 +125,22 @@ BAD = [
     ({}, ["data.num_classes=true"], r"data\.num_classes = True: expected a number"),
     ({}, ["data.augment=1"], r"data\.augment = 1: expected true or false"),
     ({}, ["data.augment=maybe"], r"data\.augment = 'maybe': expected true or false"),
+    (
+        {},
+        ["tune.space.train={type: choice, values: [{batch_size: 64}]}"],
+        r"tune\.space\.train: a config section; vary its fields by name",
+    ),
+    (
+        {},
+        ["tune.space.data.scenes={type: choice, values: [{num_train: 8}]}"],
+        r"tune\.space\.data\.scenes: a config section",
+    ),
+    ({}, ["train.task_weights.depth=true"], r"train\.task_weights: depth = True: expected a num"),
+    (
+        {},
+        ["data.baseline.depth.abs_err=false"],
+        r"data\.baseline: depth\.abs_err = False: expected a number, not true/false",
+    ),
 ]
 
 

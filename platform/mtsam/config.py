@@ -15,7 +15,7 @@ import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -54,12 +54,34 @@ class _Section(BaseModel):
         """Pydantic's lax mode reads ``epochs: true`` as 1 and ``augment: 1`` as true; a
         switch and a number are never confused here (strings such as '1e-3' still parse)."""
         field = cls.model_fields[info.field_name]  # type: ignore[index]
+        if get_origin(field.annotation) is dict:  # {name: number} tables, e.g. task weights
+            if _numeric_values(field.annotation) and (where := _bool_leaf(value)):
+                raise ValueError(f"{where}: expected a number, not true/false")
+            return value
         kinds = set(get_args(field.annotation)) or {field.annotation}
         if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
             raise ValueError("expected a number, not true/false")
         if kinds == {bool} and not isinstance(value, bool):
             raise ValueError("expected true or false")
         return value
+
+
+def _numeric_values(annotation: Any) -> bool:
+    """Whether a ``dict[str, ...]`` annotation's innermost values are numbers."""
+    while get_origin(annotation) is dict:
+        annotation = get_args(annotation)[1]
+    return annotation in (int, float)
+
+
+def _bool_leaf(value: Any, prefix: str = "") -> str | None:
+    """``"key.sub = True"`` for the first true/false value inside nested mappings, or None."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if where := _bool_leaf(v, f"{prefix}{k}."):
+                return where
+    elif isinstance(value, bool):
+        return f"{prefix.rstrip('.')} = {value}"
+    return None
 
 
 class ModelConfig(_Section):
@@ -404,6 +426,13 @@ def _check_space_key(cfg: ExperimentConfig, key: str, entry: SpaceEntry) -> None
     flat = cfg.flat()
     if key not in flat and not any(k.startswith(key + ".") for k in flat):
         raise ValueError(f"tune.space.{key}: no such config key")
+    section: Any = ExperimentConfig
+    for part in key.split("."):
+        fields = getattr(section, "model_fields", {})
+        section = fields[part].annotation if part in fields else None
+    if isinstance(section, type) and issubclass(section, BaseModel):
+        # a sampled section would replace every field of it (the unnamed ones by defaults)
+        raise ValueError(f"tune.space.{key}: a config section; vary its fields by name")
     probes: list[Any]
     if entry.type in ("choice", "grid"):
         probes = list(entry.values or [])
