@@ -407,3 +407,21 @@ def test_splits_with_different_class_counts_are_refused(tmp_path):
     with pytest.raises(DatasetError, match=r"out/val: 14 semantic classes, other splits have 13"):
         write_shards(tmp_path / "out", src, dataset="nyuv2", validate=False)
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_a_manifest_from_before_the_class_count_keeps_it_unknown(tmp_path):
+    """Splits kept from a manifest written without ``num_classes`` have no known count: a
+    partial rewrite records none rather than the rewritten split's."""
+    write_nyuv2(tmp_path / "src", n=2)
+    write_nyuv2(tmp_path / "src", n=2, split="val")
+    write_shards(tmp_path / "out", sources(tmp_path / "src", ("train", "val")), dataset="nyuv2")
+    path = tmp_path / "out" / "manifest.json"
+    old = json.loads(path.read_text())
+    assert old.pop("num_classes") == 13
+    path.write_text(json.dumps(old))
+    assert ShardDataset(tmp_path / "out", "train").num_classes is None
+    write_nyuv2(tmp_path / "src", n=3, split="val")  # val changed: rewritten, train kept
+    manifest = write_shards(
+        tmp_path / "out", sources(tmp_path / "src", ("train", "val")), dataset="nyuv2"
+    )
+    assert manifest["splits"]["val"]["num_samples"] == 3 and manifest["num_classes"] is None

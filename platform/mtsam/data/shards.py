@@ -274,6 +274,8 @@ def write_shards(
         if classes is not None and n is not None and n != classes:
             raise DatasetError(f"{out / split}: {n} semantic classes, other splits have {classes}")
         classes = classes if n is None else int(n)
+    if keep and old is not None and old.get("num_classes") is None:
+        classes = None  # kept splits from a manifest that predates the count: unknown
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     tasks: list[str] | None = list(old["tasks"]) if keep and old else None

@@ -2,7 +2,10 @@
 
 One file, ``train_state.pt``, written by rank 0 into a fresh folder that Ray Train then
 persists; loaded with ``weights_only=True``. RNG states are stored as tensors so that the
-restricted unpickler accepts them, which makes a resumed run bit-identical on CPU.
+restricted unpickler accepts them. A resumed run is bit-identical on CPU: the data order and
+augmentation are seeded by (seed, epoch, index), and torch's RNG, which the training steps
+draw from (dropout masks, gate noise), is reseeded per (seed, epoch, rank) by the loop; the
+restored states cover anything else.
 """
 
 from __future__ import annotations
