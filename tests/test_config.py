@@ -135,6 +135,7 @@ BAD = [
         ["tune.space.data.scenes={type: choice, values: [{num_train: 8}]}"],
         r"tune\.space\.data\.scenes: a config section",
     ),
+    ({}, ["train.task_weights=true"], r"train\.task_weights = True: Input should be a valid dict"),
     ({}, ["train.task_weights.depth=true"], r"train\.task_weights: depth = True: expected a num"),
     (
         {},

@@ -688,7 +688,12 @@ def test_a_restarted_run_keeps_its_best_adapter(sqlite_uri, tmp_path):
 
     # A value saved for another ranking (a resume with another tune.metric) or another store
     # is not used: the observer starts afresh.
-    for changed in ({"metric": "val/depth/abs_err"}, {"mode": "min"}, {"uri": "sqlite:////x.db"}):
+    for changed in (
+        {"metric": "val/depth/abs_err"},
+        {"mode": "min"},
+        {"uri": "sqlite:////x.db"},
+        {"parent_run_id": "0123abcd"},  # a sweep run recreated on resume: a new trial run
+    ):
         other = make_observer(info, cfg)
         other.load_state_dict(saved | changed)
         assert other.best is None, changed

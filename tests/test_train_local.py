@@ -330,7 +330,9 @@ def test_corrupt_checkpoint_gives_a_clear_error(reference, tmp_path, capsys):
     ) == [tmp_path.name]
 
 
-def test_evaluate_cli_reproduces_the_metrics_the_run_reported(reference, tmp_path, capsys):
+def test_evaluate_cli_reproduces_the_metrics_the_run_reported(
+    reference, tmp_path, capsys, monkeypatch
+):
     """jobs/evaluate.py in a fresh process, on the epoch-1 checkpoint and on its adapter folder,
     gives the val metrics reported for epoch 1 (same split, same batches: equal to 1e-9)."""
     cfg, reports, root, _ = reference
@@ -381,9 +383,14 @@ def test_evaluate_cli_reproduces_the_metrics_the_run_reported(reference, tmp_pat
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: --set {key.partition('=')[0]}: --adapter fixes the model")
     # ... but the attention kernel still applies (segment-anything's own: the same metrics).
+    import mtsam.model.attention
+
+    switched: list[object] = []
+    monkeypatch.setattr(mtsam.model.attention, "use_sdpa_attention", switched.append)
     out3 = tmp_path / "sam_attention.json"
     args = ["--adapter", adapter, "--set=model.attention=sam", "--json", str(out3), *data_args]
     assert evaluate_job.main(args) == 0
+    assert switched == []  # kept segment-anything's attention
     got3 = json.loads(out3.read_text())
     for k, v in want.items():
         assert got3[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k

@@ -55,7 +55,8 @@ class _Section(BaseModel):
         switch and a number are never confused here (strings such as '1e-3' still parse)."""
         field = cls.model_fields[info.field_name]  # type: ignore[index]
         if get_origin(field.annotation) is dict:  # {name: number} tables, e.g. task weights
-            if _numeric_values(field.annotation) and (where := _bool_leaf(value)):
+            numeric = _numeric_values(field.annotation)
+            if numeric and isinstance(value, Mapping) and (where := _bool_leaf(value)):
                 raise ValueError(f"{where}: expected a number, not true/false")
             return value
         kinds = set(get_args(field.annotation)) or {field.annotation}
@@ -430,7 +431,7 @@ def _check_space_key(cfg: ExperimentConfig, key: str, entry: SpaceEntry) -> None
     for part in key.split("."):
         fields = getattr(section, "model_fields", {})
         section = fields[part].annotation if part in fields else None
-    if isinstance(section, type) and issubclass(section, BaseModel):
+    if get_origin(section) is None and isinstance(section, type) and issubclass(section, BaseModel):
         # a sampled section would replace every field of it (the unnamed ones by defaults)
         raise ValueError(f"tune.space.{key}: a config section; vary its fields by name")
     probes: list[Any]

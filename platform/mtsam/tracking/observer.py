@@ -45,7 +45,12 @@ class TrackingObserver:
         self.mode: str = info.get("mode") or "max"
         self.best: float | None = None
         run_name = str(info["run_name"])
-        self._run = {"uri": info["uri"], "experiment": info["experiment"], "run_name": run_name}
+        self._run = {
+            "uri": info["uri"],
+            "experiment": info["experiment"],
+            "run_name": run_name,
+            "parent_run_id": info.get("parent_run_id"),  # a sweep's run (None for train.py)
+        }
         spool = Path(info["spool_root"]) / str(info["run_folder"]) / "mlflow_spool"
         self.tracker = RunTracker(
             info["uri"],
