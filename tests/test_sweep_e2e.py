@@ -157,6 +157,9 @@ def test_ray_job_submit_runs_the_submitted_code(ray_head, tmp_path):
     assert r.returncode == 0, log[-3000:]
     assert "succeeded" in log
     assert "* best trial" in log and "best adapter:" in log
+    # one trial, one epoch: its progress line reaches the job's log once (Train V2's print
+    # patch sent each worker line twice)
+    assert log.count("[epoch 1/1]") == 1, log[-3000:]
     adapter = Path(log.split("best adapter:")[1].split()[0])
     assert (adapter / "adapter.safetensors").is_file() and (adapter / "adapter.json").is_file()
     # the training worker imported mtsam from the package shipped with the job, not the checkout

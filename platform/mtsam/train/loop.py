@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -545,6 +546,17 @@ def _epoch_line(epoch: int, epochs: int, m: Mapping[str, float]) -> str:
     )
 
 
+def _worker_log(message: str) -> None:
+    """One progress line from a Ray Train worker, shown once on the driver.
+
+    Train V2 replaces ``print`` in its workers: a line printed to ``sys.stdout`` goes to the
+    root logger, and also to the original print when ``sys.stdout`` has been wrapped (as it
+    is in the workers), so each line reached the driver twice. Writing to the process's own
+    stdout takes one of the two paths, whichever the worker has.
+    """
+    print(message, file=sys.__stdout__, flush=True)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
     """Ray Train entry point. ``loop_config``: {"config": ExperimentConfig dict, "base": ...}.
 
@@ -568,7 +580,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
 
         observer = make_observer(loop_config["tracking"], cfg)
     try:
-        fit(cfg, ctx, base=base, observer=observer)
+        fit(cfg, ctx, base=base, observer=observer, log=_worker_log)
     except NonFiniteLossError as e:
         # Retrying from the last checkpoint would hit the same NaN, so end the run normally.
         # The "error" metric reaches Tune's callback, but Ray Train's Result.metrics holds only
