@@ -268,14 +268,14 @@ def write_shards(
             raise DatasetError(f"{out}: split {split!r} is augmented; shards store raw samples")
         if validate and hasattr(ds, "validate_all"):
             ds.validate_all()
+    # Kept splits carry the old manifest's count (None: written before it was recorded).
     classes: int | None = old.get("num_classes") if keep and old else None
     for split, ds in opened.items():
         n = getattr(ds, "num_classes", None)  # the readers' semantic class count
         if classes is not None and n is not None and n != classes:
             raise DatasetError(f"{out / split}: {n} semantic classes, other splits have {classes}")
-        classes = classes if n is None else int(n)
-    if keep and old is not None and old.get("num_classes") is None:
-        classes = None  # kept splits from a manifest that predates the count: unknown
+        if not keep and n is not None:
+            classes = int(n)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     tasks: list[str] | None = list(old["tasks"]) if keep and old else None

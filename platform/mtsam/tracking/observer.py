@@ -129,6 +129,7 @@ class TrackingObserver:
         """What a resumed run needs: the best value whose adapter the MLflow run holds."""
         return {"best": self.best, **self._identity()}
 
+    @_guarded
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """After a restart, only an epoch better than the pre-restart best replaces the
         run's adapter (``register_as`` then registers the best one). A value saved for
