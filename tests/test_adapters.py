@@ -28,6 +28,7 @@ from mtsam.adapters.lora import LoRAHPS, LoRASTL
 from mtsam.adapters.regularizers import extra_losses
 from mtsam.adapters.spec import AdapterSpec
 from mtsam.adapters.tora import ToRACP, ToRATucker
+from mtsam.model.msam import hold_frozen_in
 
 D_IN, D_OUT, T = 6, 9, 3
 
@@ -428,6 +429,41 @@ def test_optimizer_steps_change_only_adapter_tensors(name):
     assert sum(changed) >= 2
 
 
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(ALL_SPECS))
+def test_every_adapter_runs_under_bf16_autocast(name, base_dtype):
+    """The GPU default (bf16 autocast, optionally a bf16 frozen base) on CPU autocast: every
+    adapted linear runs in bf16 and gives the float32 result to bf16 accuracy (the first one,
+    whose input differs only by the patch embedding's rounding; the random updates are large,
+    so later blocks' attention amplifies rounding), and the adapters' gradients are float32."""
+    enc = tiny_encoder()
+    ads = inject_adapters(enc, ALL_SPECS[name], T)
+    for i, a in enumerate(ads):
+        randomise(a, seed=i)
+    enc.eval()  # no dropout or gate noise: the two runs see the same branches
+    set_active_tasks(enc, range(T))
+    x = torch.randn(T, 3, 64, 64)
+    outputs: list[torch.Tensor] = []
+    for a in ads:
+        a.register_forward_hook(lambda m, args, out: outputs.append(out))
+    with torch.no_grad():
+        enc(x)
+    want = outputs[0]
+    outputs.clear()
+    hold_frozen_in(enc, base_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = enc(x)
+    assert [o.dtype for o in outputs] == [torch.bfloat16] * len(ads)
+    err = float((outputs[0].detach().float() - want).norm() / want.norm())
+    assert err < 2e-2, err
+    got.float().square().mean().backward()
+    for a in ads:  # Conv-LoRA's unpicked experts and noise layer get none in eval mode
+        grads = [p.grad for p in a.adapter_parameters() if p.grad is not None]
+        assert len(grads) >= 2
+        assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert all(p.dtype == base_dtype for p in enc.parameters() if not p.requires_grad)
+
+
 # ----------------------------------------------------------------------- regularisers
 def test_orth_regulariser_by_hand():
     enc = tiny_encoder(torch.float64)
@@ -444,6 +480,23 @@ def test_orth_regulariser_by_hand():
     assert float(out["orth_reg"]) == pytest.approx(np.mean(terms), rel=1e-12)
     assert float(out["total"]) == pytest.approx(0.25 * np.mean(terms), rel=1e-12)
     assert float(out["balance"]) == 0.0
+
+
+def test_orth_regulariser_is_float32_under_autocast():
+    """bf16 autocast (the GPU default) must not round the Gram matrices: near-orthogonal
+    factors leave a residual far below bf16's resolution of 1.0."""
+    enc = tiny_encoder()
+    ads = inject_adapters(enc, AdapterSpec(method="tora", r1=3, r2=4, r3=2), T)
+    with torch.no_grad():
+        for a in ads:
+            for m in (a.U1, a.U2):
+                q, _ = torch.linalg.qr(torch.randn(m.shape, dtype=torch.float64))
+                m.copy_(q + 1e-3 * torch.randn(m.shape, dtype=torch.float64))
+            a.G.normal_()
+    want = extra_losses(enc, orth_weight=1.0)["orth_reg"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = extra_losses(enc, orth_weight=1.0)["orth_reg"]
+    assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
 def test_orth_regulariser_at_init_order_of_magnitude():

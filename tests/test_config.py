@@ -99,6 +99,11 @@ BAD = [
     ({}, ["tune.space.scaling.num_workers={type: choice, values: [1]}"], r"only model/adapter"),
     ({}, ["tune.searcher=grid", "tune.space.train.lr={type: choice, values: [1]}"], r"grid"),
     ({}, ["model.base_dtype=bfloat16"], r"use_gpu"),
+    (
+        {},
+        ["scaling.use_gpu=true", "model.base_dtype=bfloat16", "train.precision=fp32"],
+        r"model\.base_dtype = 'bfloat16': needs train\.precision",
+    ),
     ({}, ["data.dataset=nyuv2"], r"data\.root"),
     ({}, ["data.baseline.depth.abs_err=0"], r"data\.baseline\.depth\.abs_err"),
     (

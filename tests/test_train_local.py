@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import mtsam.train.evaluate as evaluate_mod
 from mtsam.adapters.dropout import BranchDropout
 from mtsam.config import load_config
 from mtsam.tasks import build_tasks, task_metric_directions
@@ -476,6 +477,31 @@ def test_two_data_parallel_ranks_draw_different_dropout_masks(scenes, tmp_path):
         a, b = got[0]["masks"][e], got[1]["masks"][e]
         assert a.shape == b.shape and not torch.equal(a, b), e
     assert not torch.equal(got[0]["masks"][0], got[0]["masks"][1])
+
+
+@pytest.mark.parametrize(
+    ("method", "base_dtype"),
+    [("tora", "float32"), ("tora", "bfloat16"), ("lora_hps", "float32")],
+)
+def test_fit_under_bf16_autocast(scenes, tmp_path, monkeypatch, method, base_dtype):
+    """The GPU default (bf16 autocast, the frozen base in float32 or held in bf16), run on CPU
+    autocast: training and evaluation go through (with activation checkpointing), and the
+    losses and metrics stay close to the float32 run's."""
+    extra = [f"adapter.method={method}", "train.max_steps_per_epoch=2", "train.epochs=1"]
+    cfg = small_config(tmp_path / "o", scenes, *extra, "train.activation_checkpointing=true")
+    want = fit(cfg, local_context(), log=lambda s: None)
+
+    def cpu_bf16(device, precision):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    monkeypatch.setattr(loop, "autocast_for", cpu_bf16)
+    monkeypatch.setattr(evaluate_mod, "autocast_for", cpu_bf16)
+    # base_dtype=bfloat16 is refused without a GPU: set it past the config's check
+    model = cfg.model.model_copy(update={"base_dtype": base_dtype})
+    got = fit(cfg.model_copy(update={"model": model}), local_context(), log=lambda s: None)
+    assert got != want  # the run did compute in bf16
+    for k in (k for k in want if k.startswith(("train/loss/", "val/"))):
+        assert got[k] == pytest.approx(want[k], rel=5e-2, abs=1e-2), k
 
 
 def test_resume_with_branch_dropout_replays_its_masks(scenes, tmp_path):

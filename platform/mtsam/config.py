@@ -380,6 +380,11 @@ class ExperimentConfig(_Section):
             raise ValueError("train.task_weights: at least one task needs a positive weight")
         if self.scaling.use_gpu is False and self.model.base_dtype == "bfloat16":
             raise ValueError("model.base_dtype = 'bfloat16': needs scaling.use_gpu = true")
+        if self.model.base_dtype == "bfloat16" and self.train.precision == "fp32":
+            raise ValueError(
+                "model.base_dtype = 'bfloat16': needs train.precision = 'auto' or 'bf16' "
+                "(a bf16 base runs under autocast)"
+            )
         if self.train.precision == "bf16" and not self.scaling.use_gpu:
             raise ValueError("train.precision = 'bf16': needs scaling.use_gpu = true (CPU is fp32)")
         _check_metric_name(self.tune.metric, tasks)

@@ -133,7 +133,9 @@ class AdapterModule(nn.Module, ABC):
         Low-rank methods write base and update into one buffer: for a shared final factor the
         update GEMM creates the output (with the bias) and the frozen GEMM accumulates into it
         in place, so there is no separate update tensor and no output-sized sum; per-task
-        factors use one batched ``baddbmm`` on the base output.
+        factors use one batched ``baddbmm`` on the base output. Under autocast (bf16 on GPU)
+        the shared-factor case adds the update out of place instead: autocast does not cast
+        in-place ops, so the in-place GEMM would meet a bf16 output and fp32 operands.
         """
         parts = self.low_rank_parts(x)
         if parts is None:
@@ -142,10 +144,14 @@ class AdapterModule(nn.Module, ABC):
         w = self._full_rows(w)
         lead = x.shape[:-1]
         if h.ndim == 2:
-            b = self.base.bias
-            out = h @ w.T if b is None else torch.addmm(b, h, w.T)  # fresh (N*, d_out)
-            # In place on a fresh, unsaved, non-view tensor: no copy in forward or backward.
-            out.addmm_(x.reshape(-1, self.in_features), self.base.weight.T)
+            x2 = x.reshape(-1, self.in_features)
+            if torch.is_autocast_enabled(x.device.type):
+                out = torch.addmm(self.base(x2), h, w.T)
+            else:
+                b = self.base.bias
+                out = h @ w.T if b is None else torch.addmm(b, h, w.T)  # fresh (N*, d_out)
+                # In place on a fresh, unsaved, non-view tensor: no copy in fwd or bwd.
+                out.addmm_(x2, self.base.weight.T)
         else:
             # (A batched in-place GEMM with the frozen weight broadcast over tasks is slower
             # on CPU than one big GEMM plus an out-of-place baddbmm.)

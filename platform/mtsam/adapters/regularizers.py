@@ -22,11 +22,17 @@ def _zero(model: nn.Module) -> torch.Tensor:
 
 
 def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
-    """Mean of every adapter's ``orth_terms()`` (0 when no adapter has any): a scalar."""
-    terms = [t for a in adapters_of(model) for t in a.orth_terms()]
-    if not terms:
-        return _zero(model)
-    return torch.stack(terms).mean()
+    """Mean of every adapter's ``orth_terms()`` (0 when no adapter has any): a scalar.
+
+    Computed in the factors' own dtype (float32) even under bf16 autocast: near an orthogonal
+    factor the Gram matrix is I plus a small residual that bf16 would round away.
+    """
+    p = next(model.parameters(), None)
+    with torch.autocast(p.device.type if p is not None else "cpu", enabled=False):
+        terms = [t for a in adapters_of(model) for t in a.orth_terms()]
+        if not terms:
+            return _zero(model)
+        return torch.stack(terms).mean()
 
 
 def balance_loss(model: nn.Module) -> torch.Tensor:

@@ -321,6 +321,14 @@ class MSAM(nn.Module):
         return {n: self.postprocess(m, input_size, original) for n, m in low.items()}
 
 
+def hold_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store every frozen parameter of ``model`` in ``dtype`` (e.g. bf16 on GPU, to halve the
+    base weights' memory); trainable tensors keep their dtype. Run it under autocast."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+
+
 def _with_current_routing(block: nn.Module):
     """``block`` as a function that first restores the task routing its adapters have now.
 

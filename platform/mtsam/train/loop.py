@@ -26,7 +26,7 @@ from torch import nn
 from mtsam.adapters import AdapterSpec, extra_losses
 from mtsam.adapters.io import save_adapter
 from mtsam.config import ExperimentConfig
-from mtsam.model.msam import MSAM, build_msam
+from mtsam.model.msam import MSAM, build_msam, hold_frozen_in
 from mtsam.tasks import build_tasks, task_metric_directions
 from mtsam.train.context import WorkerContext, scratch_dir
 from mtsam.train.data import eval_loader, open_split, scenes_root, train_loader
@@ -158,9 +158,7 @@ def fit(
 
     model = build_model(cfg, tasks=tasks, base=base)
     if cfg.model.base_dtype == "bfloat16":
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
+        hold_frozen_in(model, torch.bfloat16)
     model.activation_checkpointing = t_cfg.activation_checkpointing
     model.to(device)
     params = [p for _, p in model.trainable_named_parameters()]
