@@ -157,6 +157,16 @@ def test_normal_only_zero_targets_gives_nan():
     assert all(math.isnan(v) for v in acc.compute().values())
 
 
+def test_normal_nan_prediction_makes_mean_and_median_nan():
+    x, y = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]
+    nan = [math.nan, 0.0, 0.0]
+    acc = NormalAccumulator()
+    acc.update(*normal_pair([(nan, x), (nan, x), (x, y)]))  # two NaN pixels and one at 90
+    out = acc.compute()
+    assert math.isnan(out["mean_deg"]) and math.isnan(out["median_deg"])
+    assert out["within_30"] == 0.0  # a NaN angle is never within a threshold
+
+
 @pytest.mark.parametrize("n", [1, 2, 999, 1000])
 def test_normal_median_within_one_bin_of_numpy(n):
     rng = np.random.default_rng(n)

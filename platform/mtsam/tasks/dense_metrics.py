@@ -57,7 +57,8 @@ class NormalAccumulator(MetricAccumulator):
     18,000 bins); the median is read from it with linear interpolation inside the bin (the
     values of a bin are taken as evenly spread over it), averaging the two middle ranks for
     an even count as numpy does. Tolerance: |median_deg - exact median| <= bin_deg (0.01 deg).
-    A prediction that is all-zero has no direction and counts as 90 degrees from any target.
+    A prediction that is all-zero has no direction and counts as 90 degrees from any target;
+    a NaN prediction makes the mean and the median NaN and is never within a threshold.
 
     update(pred (B, 3, H, W), target (B, 3, H, W)). State: [n, sum angle, 3 within-counts,
     histogram]. All NaN when no valid pixel was accumulated.
@@ -96,7 +97,11 @@ class NormalAccumulator(MetricAccumulator):
         if n == 0:
             return dict.fromkeys(names, math.nan)
         hist = state[2 + len(NORMAL_THRESHOLDS_DEG) :]
-        out = {"mean_deg": float(state[1]) / n, "median_deg": self._median(hist, int(n))}
+        mean = float(state[1]) / n
+        # A NaN prediction makes the angle sum NaN; its histogram bin is meaningless, so the
+        # median is NaN too rather than a misleadingly small value.
+        median = self._median(hist, int(n)) if math.isfinite(mean) else math.nan
+        out = {"mean_deg": mean, "median_deg": median}
         for i, name in enumerate(NORMAL_WITHIN_NAMES):
             out[name] = float(state[2 + i]) / n
         return out
