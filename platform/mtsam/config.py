@@ -101,7 +101,9 @@ class ModelConfig(_Section):
         "torch scaled_dot_product_attention with SAM's relative-position bias ('sdpa').",
     )
     base_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="dtype of the frozen base weights (bfloat16 saves memory on GPU)."
+        "float32",
+        description="dtype of the frozen base weights (bfloat16 saves memory on GPU; needs "
+        "scaling.use_gpu and train.precision auto or bf16).",
     )
 
 
