@@ -199,6 +199,23 @@ def test_cityscapes_label_folders(tmp_path, label_dir, classes):
         CityScapes(tmp_path, "val", num_classes=13)
 
 
+def test_cityscapes_19_classes_never_read_libmtl_7_class_labels(tmp_path):
+    write_npy_layout(tmp_path, split="val", num_classes=7, label_dir="label", with_normal=False)
+    with pytest.raises(DatasetError) as info:
+        CityScapes(tmp_path, "val", num_classes=19)
+    message = str(info.value)
+    assert str(tmp_path / "val" / "label") in message and "label_19" in message
+    assert "7-class" in message and "\n" not in message
+    assert len(CityScapes(tmp_path, "val", num_classes=19, tasks=("depth",))) == 3
+    # With MTAN's label_19 beside LibMTL's label, each num_classes reads its own folder.
+    fine = write_npy_layout(
+        tmp_path, split="val", num_classes=19, label_dir="label_19", with_normal=False, seed=1
+    )
+    s = CityScapes(tmp_path, "val", num_classes=19)[1]
+    np.testing.assert_array_equal(s["semantic"].numpy(), fine["label_19"][1].astype(np.int64))
+    assert (CityScapes(tmp_path, "val", num_classes=7)[1]["semantic"] < 7).all()
+
+
 def test_pascal_context_sample(tmp_path):
     info = write_pascal(tmp_path)
     ds = PascalContext(tmp_path, "train")
@@ -375,6 +392,15 @@ def _png(rel: str, arr: np.ndarray, mode: str) -> Corrupt:
     return lambda root: Image.fromarray(arr, mode=mode).save(root / rel)
 
 
+def _mat(rel: str, variables: dict) -> Corrupt:
+    return lambda root: scipy.io.savemat(root / rel, variables)
+
+
+def _person(**fields: object) -> dict:
+    """``anno`` with one person object that has exactly the given fields besides its class."""
+    return {"anno": {"objects": {"class": "person", "classIndex": 15, **fields}}}
+
+
 PASCAL_CASES: dict[str, tuple[Corrupt, str, str]] = {
     "split file": (
         lambda r: (r / "ImageSets/Context/train.txt").unlink(),
@@ -438,6 +464,38 @@ PASCAL_CASES: dict[str, tuple[Corrupt, str, str]] = {
         ),
         "human_parts/2008_000002.mat",
         "shape",
+    ),
+    # scipy raises MatReadError / IndexError on these, neither an OSError nor a ValueError
+    "empty mat": (
+        lambda r: (r / "human_parts/2008_000002.mat").write_bytes(b""),
+        "human_parts/2008_000002.mat",
+        "not a readable .mat file",
+    ),
+    "junk mat": (
+        lambda r: (r / "human_parts/2008_000002.mat").write_bytes(b"x" * 34),
+        "human_parts/2008_000002.mat",
+        "not a readable .mat file",
+    ),
+    "object without mask": (
+        _mat("human_parts/2008_000002.mat", _person(parts=np.zeros(0))),
+        "human_parts/2008_000002.mat",
+        "class, classIndex, mask, parts",
+    ),
+    "part without mask": (
+        _mat(
+            "human_parts/2008_000002.mat",
+            _person(mask=np.ones((H, W)), parts={"part_name": "head"}),
+        ),
+        "human_parts/2008_000002.mat",
+        "part_name, mask",
+    ),
+    "mask not numeric": (
+        _mat(
+            "human_parts/2008_000002.mat",
+            _person(mask=np.full((H, W), "1", object), parts=np.zeros(0)),
+        ),
+        "human_parts/2008_000002.mat",
+        "dtype",
     ),
 }
 

@@ -120,13 +120,15 @@ def test_cityscapes_shards_augment_like_the_reader(tmp_path):
     """Shards remember the benchmark, so augmented CityScapes shards scale disparity as the
     CityScapes reader does (up with the zoom, not down like NYUv2's depth)."""
     write_nyuv2(tmp_path / "src", n=4)  # labels 0..12 and a depth folder: CityScapes-19 reads them
-    src = CityScapes(tmp_path / "src", "train", num_classes=19)
+    src = CityScapes(tmp_path / "src", "train", num_classes=19, label_dir="label")
     write_shards(
         tmp_path / "out",
         {"train": SplitSource(fingerprint=dataset_fingerprint(src), open=lambda: src)},
         dataset="cityscapes",
     )
-    reader = CityScapes(tmp_path / "src", "train", num_classes=19, augment=True, seed=4)
+    reader = CityScapes(
+        tmp_path / "src", "train", num_classes=19, label_dir="label", augment=True, seed=4
+    )
     shard = ShardDataset(tmp_path / "out", "train", augment=True, seed=4)
     assert shard.inverse_depth
     for epoch in range(3):

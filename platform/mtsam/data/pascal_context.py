@@ -19,7 +19,8 @@ Accepted ``human_parts/{id}.mat`` contents (``scipy.io.loadmat``), checked in th
    six-part grouping of PASCAL-MT (:data:`PART_OF`); a person without parts is marked
    ignore; every other pixel is background (0).
 
-Images without a ``.mat`` file get human_parts all -1 (ignore).
+Images without a ``.mat`` file get human_parts all -1 (ignore). A ``.mat`` that does not load,
+or holds neither structure in full, fails with a :class:`DatasetError` naming it.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def _mask(value: Any, path: Path, shape: tuple[int, int], what: str) -> np.ndarr
     mask = np.asarray(value)
     if mask.shape != shape:
         raise DatasetError(f"{path}: {what} mask has shape {mask.shape}, expected {shape}")
+    if mask.dtype.kind not in "biuf":
+        raise DatasetError(f"{path}: {what} mask has dtype {mask.dtype}, expected 0/1 numbers")
     return mask.astype(bool)
 
 
@@ -82,8 +85,13 @@ def read_human_parts(path: Path, *, shape: tuple[int, int]) -> np.ndarray:
     """Parse one ``.mat`` of the accepted structures -> int64 (H, W), 0..6, -1 = ignore."""
     try:
         mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
-    except (OSError, ValueError, TypeError) as err:
-        raise DatasetError(f"{path}: not a readable .mat file ({err})") from None
+    except Exception as err:
+        # scipy's parser has no closed set of errors for malformed files: truncated or junk
+        # files raise MatReadError, IndexError, OSError, ValueError, zlib.error, ...
+        raise DatasetError(
+            f"{path}: not a readable .mat file ({type(err).__name__}: {err}); expected a "
+            "MATLAB file with a 'human_parts' or 'anno' variable"
+        ) from None
     if "human_parts" in mat:
         raw = np.asarray(mat["human_parts"])
         return V.labels(
@@ -103,7 +111,7 @@ def read_human_parts(path: Path, *, shape: tuple[int, int]) -> np.ndarray:
     for obj in np.atleast_1d(objects).ravel():
         try:
             name, cls_idx = str(getattr(obj, "class")), int(obj.classIndex)
-            parts = np.atleast_1d(obj.parts).ravel()
+            obj_mask, parts = obj.mask, np.atleast_1d(obj.parts).ravel()
         except (AttributeError, TypeError, ValueError):
             raise DatasetError(
                 f"{path}: each anno.objects entry needs fields class, classIndex, mask, parts"
@@ -111,10 +119,14 @@ def read_human_parts(path: Path, *, shape: tuple[int, int]) -> np.ndarray:
         if cls_idx != PERSON_CLASS_INDEX and name != "person":
             continue
         if parts.size == 0:
-            target[_mask(obj.mask, path, shape, "person")] = -1
+            target[_mask(obj_mask, path, shape, "person")] = -1
             continue
         for part in parts:
-            part_name = str(getattr(part, "part_name", ""))
+            if not (hasattr(part, "part_name") and hasattr(part, "mask")):
+                raise DatasetError(
+                    f"{path}: each person's parts entry needs fields part_name, mask"
+                )
+            part_name = str(part.part_name)
             if part_name not in PART_OF:
                 raise DatasetError(f"{path}: unknown person part {part_name!r}")
             target[_mask(part.mask, path, shape, part_name)] = PART_OF[part_name]
