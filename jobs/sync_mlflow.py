@@ -5,7 +5,8 @@
 ``--spool`` is a run folder holding ``mlflow_spool.jsonl``, the file itself, or any folder
 above (every spool under it is synced). Each spool goes to the tracking URI recorded in it
 unless ``--tracking-uri`` is given. Safe to re-run: delivered entries are removed. Exit status
-0 when everything was delivered, 1 when something is left (or was refused), 2 on bad input.
+0 when everything was delivered, 1 when something is left (or was refused), 2 on bad input
+(a malformed spool: the others are synced all the same).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.timeout > 0:  # also refuses nan
         ap.error(f"--timeout {args.timeout}: expected a number of seconds > 0")
 
-    from mtsam.tracking.spool import SpoolError
     from mtsam.tracking.sync import sync_spool
     from mtsam.tracking.uri import TrackingError, check_tracking_uri
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         results = sync_spool(
             args.spool, tracking_uri=args.tracking_uri, request_timeout_s=args.timeout
         )
-    except (FileNotFoundError, SpoolError, TrackingError) as e:
+    except (FileNotFoundError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not results:
@@ -49,13 +49,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ok = True
     for r in results:
+        if r.error:
+            continue
         if r.report is None:
             ok = False
             print(f"{r.spool_path}: {r.note}")
             continue
         ok &= r.report.complete
         print(f"{r.spool_path}: {r.report.summary()}")
-    return 0 if ok else 1
+    # Said last, so that the last line names a spool that could not be read.
+    errors = [r.error for r in results if r.error]
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    return 2 if errors else 0 if ok else 1
 
 
 if __name__ == "__main__":

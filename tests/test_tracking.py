@@ -26,7 +26,7 @@ from mtsam.model.msam import build_msam
 from mtsam.tracking.client import MAX_PARAM_LENGTH, PARENT_TAG, count_params, flatten_params
 from mtsam.tracking.panel import GAP, prediction_panel
 from mtsam.tracking.registry import load_adapter, register_adapter
-from mtsam.tracking.spool import SPOOL_FILE
+from mtsam.tracking.spool import SPOOL_FILE, Spool
 from mtsam.tracking.sweep import SWEEP_PATH_TAG, finish_sweep, start_sweep_run
 from mtsam.tracking.sync import sync_spool
 from mtsam.tracking.tracker import RunTracker
@@ -310,6 +310,113 @@ def test_crashed_attempt_spool_is_sent_first_then_synced(sqlite_uri, tmp_path):
         "adapter/adapter.safetensors",
     }
     assert sync_spool(tmp_path, tracking_uri=target) == []
+
+
+@pytest.mark.parametrize("cut", [1, 20], ids=["newline", "mid-line"])
+def test_a_spool_line_cut_by_a_crash_is_repaired_before_the_next_append(tmp_path, cut):
+    """A crash while appending leaves the last line cut off (or without its newline): the next
+    attempt drops what is incomplete and appends on a line of its own, so the spool stays
+    readable and keeps every complete operation."""
+    dead = f"http://127.0.0.1:{_free_port()}"
+    tr = RunTracker(dead, "cut", run_name="t", spool_dir=tmp_path, request_timeout_s=1)
+    for step in range(3):
+        tr.log_metrics({"train/loss": step / 8.0}, step=step)
+    assert not tr.finish("FAILED").complete
+    spool = tmp_path / SPOOL_FILE
+    spool.write_bytes(spool.read_bytes()[:-cut])  # the terminate line, as a crash leaves it
+
+    again = RunTracker(dead, "cut", run_name="t", spool_dir=tmp_path, request_timeout_s=1)
+    again.log_metrics({"train/loss": 3 / 8.0}, step=3)
+    rep = again.finish()
+    _, ops = Spool(tmp_path).load()
+    assert [op["step"] for op in ops if op["op"] == "metrics"] == [0, 1, 2, 3]
+    kept = ["FAILED"] if cut == 1 else []  # a line that only lost its newline is complete
+    assert [op["status"] for op in ops if op["op"] == "terminate"] == [*kept, "FINISHED"]
+    assert len(ops) == rep.pending and spool.read_text().endswith("}\n")
+
+
+def test_a_sweep_finished_twice_in_an_outage_continues_the_spool(tmp_path):
+    """finish_sweep called again while the back end is still down (a resumed sweep) queues
+    what the first call left, and numbers its own operations after them."""
+    dead = f"http://127.0.0.1:{_free_port()}"
+    for attempt in range(2):
+        rep = finish_sweep(
+            dead,
+            "0123abcd",
+            best_metrics={"best/val/delta_m": float(attempt)},
+            summary_rows=[{"trial": "t0", "trainable_params": 10, "val/delta_m": 0.5}],
+            out_dir=tmp_path,
+            request_timeout_s=1,
+        )
+    assert rep.pending == 6 and rep.pending_metrics == 2
+    _, ops = Spool(tmp_path).load()
+    assert [op["seq"] for op in ops] == list(range(6))
+    assert [op["op"] for op in ops] == ["metrics", "artifact", "terminate"] * 2
+    assert [op["metrics"] for op in ops if op["op"] == "metrics"] == [
+        {"best/val/delta_m": 0.0},
+        {"best/val/delta_m": 1.0},
+    ]
+
+
+def test_a_sync_cut_short_keeps_every_pending_operation(tmp_path, monkeypatch):
+    """A spool in which operations share sequence numbers (older versions wrote such files) and
+    a back end that goes down again during the sync: every operation not delivered stays in
+    the file, none is dropped as if delivered."""
+    from mtsam.tracking.delivery import Deliverer
+    from mtsam.tracking.spool import FORMAT
+
+    header = {"mtsam_spool": FORMAT, "tracking_uri": f"http://127.0.0.1:{_free_port()}"}
+    header["run_id"] = "0123abcd"
+    ops = [
+        {"seq": i % 3, "op": "metrics", "metrics": {"m": float(i)}, "step": i, "timestamp": 1}
+        for i in range(6)
+    ]
+    spool = tmp_path / SPOOL_FILE
+    spool.write_text("".join(json.dumps(r) + "\n" for r in [header, *ops]))
+    sent: list[int] = []
+
+    def deliver_head(self) -> int:  # one operation per request; the fifth request fails
+        if len(sent) == 4:
+            raise ConnectionError("down again")
+        sent.append(self.queue[0]["step"])
+        return 1
+
+    monkeypatch.setattr(Deliverer, "_open", lambda self: setattr(self, "opened", True))
+    monkeypatch.setattr(Deliverer, "_deliver_head", deliver_head)
+    (res,) = sync_spool(tmp_path)
+    assert sent == [0, 1, 2, 3] and res.report is not None and res.report.pending == 2
+    _, left = Spool(tmp_path).load()
+    assert [op["step"] for op in left] == [4, 5]
+
+
+def test_sync_goes_on_past_a_malformed_spool(sqlite_uri, tmp_path):
+    """A malformed spool (of one trial of a sweep) does not keep the spools after it from being
+    synced; the job then ends with one line naming the bad file, exit 2."""
+    from mtsam.tracking.spool import FORMAT
+
+    dead = f"http://127.0.0.1:{_free_port()}"
+    bad = tmp_path / "trial_a" / SPOOL_FILE
+    bad.parent.mkdir()
+    bad.write_text(json.dumps({"mtsam_spool": FORMAT, "tracking_uri": dead}) + "\nnot json\n{}\n")
+    tr = RunTracker(
+        dead, "many", run_name="trial_b", spool_dir=tmp_path / "trial_b", request_timeout_s=1
+    )
+    tr.log_metrics({"train/loss": 0.5}, step=0)
+    assert not tr.finish().complete
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    job = [sys.executable, str(REPO / "jobs" / "sync_mlflow.py"), "--spool", str(tmp_path)]
+    r = subprocess.run(
+        [*job, "--tracking-uri", sqlite_uri], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    last = (r.stdout + r.stderr).strip().splitlines()[-1]
+    assert last.startswith(f"error: {bad}:2: not valid JSON"), r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and bad.is_file()
+    assert not (tmp_path / "trial_b" / SPOOL_FILE).exists()  # delivered
+    c = _client(sqlite_uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("many").experiment_id])
+    assert _history(sqlite_uri, run.info.run_id, "train/loss") == {0: 0.5}
 
 
 def test_prediction_panel_layout():

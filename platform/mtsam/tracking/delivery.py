@@ -12,6 +12,7 @@ one line when it is back.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from mtsam.tracking.client import (
     one_line,
     set_tags,
 )
-from mtsam.tracking.spool import Spool
+from mtsam.tracking.spool import Spool, SpoolError
 from mtsam.tracking.uri import http_limits
 
 log = logging.getLogger("mtsam.tracking")
@@ -150,10 +151,45 @@ class Deliverer:
     # -------------------------------------------------------------------- queue
 
     def adopt(self, ops: list[dict[str, Any]]) -> None:
-        """Put operations read back from the spool at the front, in their order."""
-        self.queue = [*ops, *self.queue]
-        self.spooled |= {op["seq"] for op in ops}
+        """Put operations read back from the spool at the front, in their order.
+
+        ``seq`` tells queued operations apart (which of them are in the spool file): one whose
+        number is taken already (in a spool appended to by two deliverers that did not know of
+        each other) gets a new one.
+        """
+        taken = {op["seq"] for op in self.queue}
         self.next_seq = max([self.next_seq, *(op["seq"] + 1 for op in ops)])
+        adopted = []
+        for op in ops:
+            if op["seq"] in taken:
+                op = {**op, "seq": self.next_seq}
+                self.next_seq += 1
+            taken.add(op["seq"])
+            adopted.append(op)
+        self.queue = [*adopted, *self.queue]
+        self.spooled |= {op["seq"] for op in adopted}
+
+    def adopt_spool(self) -> None:
+        """Queue first what an earlier deliverer of this run left in the spool file (so that
+        new operations continue its sequence numbers). A spool that cannot be read or that
+        belongs to another run is moved aside, for ``jobs/sync_mlflow.py``."""
+        spool, t = self.spool, self.target
+        if not spool.exists():
+            return
+        try:
+            header, ops = spool.load()
+            old = RunTarget.from_header(header)
+        except (SpoolError, KeyError, OSError) as e:
+            _set_aside(spool, f"unreadable ({e})")
+            return
+        if old.tracking_uri != t.tracking_uri or not old.same_run(t):
+            name = old.run_name or old.run_id
+            _set_aside(spool, f"belongs to run {name!r} at {old.tracking_uri}")
+            return
+        t.run_id = t.run_id or old.run_id
+        t.start_time = old.start_time
+        self.adopt(ops)
+        log.info("MLflow: %d operations left by a previous attempt will be sent first", len(ops))
 
     def submit(self, op: dict[str, Any], *, pump: bool = True) -> None:
         op = {"seq": self.next_seq, **op}
@@ -406,6 +442,17 @@ class Deliverer:
             rejected=tuple(self.rejected),
             spool_path=self.spool.path if self.queue else None,
         )
+
+
+def _set_aside(spool: Spool, why: str) -> None:
+    aside = spool.path.with_name(f"mlflow_spool.{int(time.time())}.jsonl")
+    os.replace(spool.path, aside)
+    log.warning(
+        "MLflow spool %s %s: moved to %s (upload it with jobs/sync_mlflow.py)",
+        spool.path,
+        why,
+        aside,
+    )
 
 
 def describe(op: dict[str, Any]) -> str:

@@ -50,16 +50,21 @@ class Spool:
         return self.path.is_file()
 
     def load(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """(header, operations). A cut-off last line (a crash while appending) is dropped."""
-        lines = self.path.read_text().splitlines()
+        """(header, operations). A cut-off last line (a crash while appending) is dropped and
+        cut from the file, and a last line without its newline gets one, so that the next
+        append starts on a line of its own."""
+        data = self.path.read_bytes()
+        lines = data.splitlines(keepends=True)
+        end = len(data)  # where the complete lines end
         records: list[dict[str, Any]] = []
         for i, line in enumerate(lines):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
+            except ValueError as e:  # also bytes that are not UTF-8
                 if i == len(lines) - 1 and i > 0:
+                    end -= len(line)
                     break
                 raise SpoolError(f"{self.path}:{i + 1}: not valid JSON ({e})") from None
             if not isinstance(rec, dict):
@@ -75,7 +80,21 @@ class Spool:
                 isinstance(op.get("seq"), int)
             ):
                 raise SpoolError(f"{self.path}:{n}: unknown operation {op.get('op')!r} or no seq")
+        if end < len(data) or not data.endswith(b"\n"):
+            self._repair(end, newline=not data[:end].endswith(b"\n"))
         return header, ops
+
+    def _repair(self, end: int, *, newline: bool) -> None:
+        """Cut the file to its first ``end`` bytes (and end it with a newline)."""
+        # In place rather than by rewriting: whenever a crash comes, the complete lines are
+        # left as they were.
+        with open(self.path, "r+b") as f:
+            f.truncate(end)
+            if newline:
+                f.seek(end)
+                f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def append(self, header: dict[str, Any], ops: list[dict[str, Any]]) -> None:
         """Append ``ops`` (writing the header first if the file is new) and flush to disk."""

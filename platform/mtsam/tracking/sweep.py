@@ -95,7 +95,8 @@ def finish_sweep(
     given) ``trials.png`` from ``summary_rows`` (one dict per trial), then logs ``best_metrics``
     (step 0), the ``summary`` folder as artifacts and the status. Like a trial's tracker it
     never raises for an unreachable back end: what was not delivered stays in
-    ``out_dir/mlflow_spool.jsonl`` (see the returned report; ``jobs/sync_mlflow.py`` uploads it).
+    ``out_dir/mlflow_spool.jsonl`` (see the returned report; ``jobs/sync_mlflow.py`` uploads it),
+    and what an earlier call left there is sent first by the next one.
     """
     if status not in ("FINISHED", "FAILED", "KILLED"):
         raise ValueError(f"finish_sweep: status must be FINISHED, FAILED or KILLED, got {status!r}")
@@ -119,6 +120,7 @@ def finish_sweep(
         request_timeout_s=request_timeout_s,
         reopen=False,
     )
+    d.adopt_spool()
     now = int(time.time() * 1000)
     if metrics:
         d.submit({"op": "metrics", "metrics": metrics, "step": 0, "timestamp": now}, pump=False)

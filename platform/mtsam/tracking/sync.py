@@ -14,15 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from mtsam.tracking.delivery import Deliverer, DeliveryReport, RunTarget
-from mtsam.tracking.spool import Spool, find_spools
+from mtsam.tracking.spool import Spool, SpoolError, find_spools
 from mtsam.tracking.tracker import LOCK_FILE
 
 
 @dataclass(frozen=True)
 class SyncResult:
     spool_path: Path
-    report: DeliveryReport | None  # None: skipped (see note)
+    report: DeliveryReport | None  # None: skipped (see note) or malformed (see error)
     note: str = ""
+    error: str = ""  # why the spool could not be read (naming the file and line)
 
 
 def sync_spool(
@@ -31,8 +32,8 @@ def sync_spool(
     """Deliver every spool under ``root`` (a spool folder, a spool file or a tree of run
     folders) to the back end named in it, or to ``tracking_uri``. A spool whose tracker is
     still running (its folder is locked), or that names no back end while ``tracking_uri`` is
-    None, is skipped with a note. Raises FileNotFoundError for a missing
-    ``root`` and :class:`~mtsam.tracking.spool.SpoolError` for a malformed spool."""
+    None, is skipped with a note; a malformed one with an error, after which the others are
+    still synced. Raises FileNotFoundError for a missing ``root``."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such spool folder or file")
@@ -45,7 +46,11 @@ def sync_spool(
             except OSError:
                 results.append(SyncResult(spool.path, None, "skipped: a tracker is writing it"))
                 continue
-            header, ops = spool.load()
+            try:
+                header, ops = spool.load()
+            except SpoolError as e:
+                results.append(SyncResult(spool.path, None, error=str(e)))
+                continue
             if not tracking_uri and not header.get("tracking_uri"):
                 note = "skipped: its header names no tracking URI (pass one to sync it)"
                 results.append(SyncResult(spool.path, None, note))

@@ -23,7 +23,7 @@ import numpy as np
 
 from mtsam.tracking.client import as_metric_value, as_text, check_key, flatten_params
 from mtsam.tracking.delivery import Deliverer, DeliveryReport, RunTarget
-from mtsam.tracking.spool import Spool, SpoolError
+from mtsam.tracking.spool import Spool
 
 log = logging.getLogger("mtsam.tracking")
 
@@ -73,32 +73,13 @@ class RunTracker:
             parent_run_id=parent_run_id,
         )
         self._d = Deliverer(target, spool, request_timeout_s=request_timeout_s, reopen=True)
-        self._adopt_old_spool()
+        self._d.adopt_spool()  # what a previous attempt of this run left, before anything new
         if tags:
             self._d.submit({"op": "tags", "tags": _texts(tags, what="tag")}, pump=False)
         if params:
             self._d.submit({"op": "params", "params": _params(params)}, pump=False)
         self._d.pump(budget_s=request_timeout_s)
         self._d.persist()
-
-    def _adopt_old_spool(self) -> None:
-        """Deliver what a previous attempt of this run left in the spool, before anything new."""
-        spool = self._d.spool
-        if not spool.exists():
-            return
-        try:
-            header, ops = spool.load()
-            old = RunTarget.from_header(header)
-        except (SpoolError, KeyError, OSError) as e:
-            _set_aside(spool, f"unreadable ({e})")
-            return
-        if old.tracking_uri != self._d.target.tracking_uri or not old.same_run(self._d.target):
-            _set_aside(spool, f"belongs to run {old.run_name!r} at {old.tracking_uri}")
-            return
-        self._d.target.run_id = old.run_id
-        self._d.target.start_time = old.start_time
-        self._d.adopt(ops)
-        log.info("MLflow: %d operations left by a previous attempt will be sent first", len(ops))
 
     # ------------------------------------------------------------------ public
 
@@ -238,17 +219,6 @@ def _params(params: Mapping[str, Any]) -> dict[str, str]:
     for k in flat:
         check_key(k, what="param")
     return flat
-
-
-def _set_aside(spool: Spool, why: str) -> None:
-    aside = spool.path.with_name(f"mlflow_spool.{int(time.time())}.jsonl")
-    os.replace(spool.path, aside)
-    log.warning(
-        "MLflow spool %s %s: moved to %s (upload it with jobs/sync_mlflow.py)",
-        spool.path,
-        why,
-        aside,
-    )
 
 
 def _try_lock(path: Path) -> int | None:
