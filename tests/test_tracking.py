@@ -335,6 +335,21 @@ def test_a_spool_line_cut_by_a_crash_is_repaired_before_the_next_append(tmp_path
     assert len(ops) == rep.pending and spool.read_text().endswith("}\n")
 
 
+def test_spools_set_aside_at_the_same_time_keep_both(tmp_path, monkeypatch):
+    """A run folder reused by other runs during an outage sets each old spool aside; two set
+    aside within the same clock tick must not overwrite each other."""
+    dead = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setattr(time, "time_ns", lambda: 1_700_000_000_000_000_000)
+    for name in ("a", "b", "c"):
+        tr = RunTracker(dead, "aside", run_name=name, spool_dir=tmp_path, request_timeout_s=1)
+        tr.log_metrics({"train/loss": 1.0}, step=0)
+        tr.finish()
+    aside = sorted(p for p in tmp_path.glob("mlflow_spool.*.jsonl"))
+    names = [Spool(tmp_path, file_name=p.name).load()[0]["run_name"] for p in aside]
+    assert names == ["a", "b"]
+    assert Spool(tmp_path).load()[0]["run_name"] == "c"
+
+
 def test_a_sweep_finished_twice_in_an_outage_continues_the_spool(tmp_path):
     """finish_sweep called again while the back end is still down (a resumed sweep) queues
     what the first call left, and numbers its own operations after them."""

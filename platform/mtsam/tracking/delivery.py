@@ -445,7 +445,9 @@ class Deliverer:
 
 
 def _set_aside(spool: Spool, why: str) -> None:
-    aside = spool.path.with_name(f"mlflow_spool.{int(time.time())}.jsonl")
+    stamp = time.time_ns()  # a free name: two spools set aside at once keep both
+    while (aside := spool.path.with_name(f"mlflow_spool.{stamp}.jsonl")).exists():
+        stamp += 1
     os.replace(spool.path, aside)
     log.warning(
         "MLflow spool %s %s: moved to %s (upload it with jobs/sync_mlflow.py)",
