@@ -331,6 +331,23 @@ def test_conv_lora_routes_each_map_to_its_expert():
     np.testing.assert_allclose(np_(a.experts[0](h[n : n + 1]))[0], want, rtol=1e-10, atol=1e-12)
 
 
+def test_conv_lora_experts_keep_the_bottleneck_dtype_under_autocast(monkeypatch):
+    """CUDA autocast runs bicubic resampling in float32 while the bottleneck is bf16 (and does
+    not promote index_copy, as CPU autocast does): every expert must hand back the
+    bottleneck's dtype for the mixture. Emulated on CPU autocast, which keeps bicubic in bf16,
+    by an interpolate that returns float32."""
+    interpolate = torch.nn.functional.interpolate
+    monkeypatch.setattr(
+        torch.nn.functional, "interpolate", lambda *a, **k: interpolate(*a, **k).float()
+    )
+    a = ConvLoRA(linear64().float(), T, rank=2, alpha=4.0, num_experts=3).eval()
+    randomise(a)
+    h = torch.randn(2, 2, 4, 4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for expert in a.experts:
+            assert expert(h).dtype == torch.bfloat16, expert.scale
+
+
 def test_conv_lora_needs_token_maps_and_cannot_merge():
     a = ConvLoRA(linear64(), T, rank=2, alpha=4.0, num_experts=2).double()
     with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):

@@ -101,13 +101,15 @@ class ConvExpert(nn.Module):
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        size = h.shape[-2:]
+        size, dtype = h.shape[-2:], h.dtype
         if self.scale != 1:
             h = F.interpolate(h, scale_factor=self.scale, mode="bicubic")
         h = F.gelu(self.conv(h))
         if self.scale != 1:
             h = F.interpolate(h, size=size, mode="bicubic")
-        return h
+        # CUDA autocast runs bicubic resampling in float32: hand back the input's dtype, which
+        # the mixture's index_copy needs.
+        return h.to(dtype)
 
 
 class ConvLoRA(LoRABase):
