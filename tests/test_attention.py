@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 from segment_anything.modeling.image_encoder import Attention, Block
+from torch.nn.attention import SDPBackend
 
 from mtsam.adapters.base import adapters_of
 from mtsam.adapters.spec import AdapterSpec
+from mtsam.model import attention
 from mtsam.model.attention import SdpaAttention, use_sdpa_attention
 from mtsam.model.msam import build_image_encoder, build_msam
 from mtsam.model.presets import get_preset
@@ -164,3 +167,39 @@ def test_bad_input_is_a_clear_error():
         SdpaAttention.from_attention(torch.nn.Linear(4, 4))
     with pytest.raises(TypeError, match="ImageEncoderViT"):
         use_sdpa_attention(torch.nn.Linear(4, 4))
+
+
+def test_gpu_calls_with_a_mask_gradient_use_kernels_that_give_one(monkeypatch):
+    """cuDNN attention (PyTorch's first choice on Hopper and newer) cannot give its bias a
+    gradient, the memory-efficient kernel can (both checked on the meta device: no GPU
+    needed); so a GPU call whose mask needs a gradient is limited to the kernels that have it."""
+    q = torch.zeros(1, 2, 16, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.zeros(1, 2, 16, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(
+        RuntimeError, match="not differentiable with respect to argument 'attn_bias'"
+    ):
+        torch.ops.aten._scaled_dot_product_cudnn_attention(q, q, q, bias, False, 0.0, False, False)
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(q, q, q, bias, True, 0.0, False)
+    out[0].sum().backward()
+    assert bias.grad is not None and bias.grad.shape == bias.shape
+
+    calls = []
+    monkeypatch.setattr(
+        attention, "sdpa_kernel", lambda b: calls.append(b) or contextlib.nullcontext()
+    )
+    for device, needs_grad, limited in (
+        ("cuda", True, True),
+        ("cuda", False, False),
+        ("cpu", True, False),
+    ):
+        calls.clear()
+        fake_q = type("Q", (), {"device": torch.device(device)})()
+        mask = torch.zeros(2, requires_grad=needs_grad)
+        with attention.kernels_for(fake_q, mask):
+            pass
+        assert calls == ([list(attention.MASK_GRAD_BACKENDS)] if limited else []), device
+    with attention.kernels_for(type("Q", (), {"device": torch.device("cuda")})(), None):
+        pass
+    assert calls == []  # no mask (no relative positions): PyTorch's own choice
+    assert SDPBackend.EFFICIENT_ATTENTION in attention.MASK_GRAD_BACKENDS
+    assert SDPBackend.CUDNN_ATTENTION not in attention.MASK_GRAD_BACKENDS

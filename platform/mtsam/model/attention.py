@@ -3,8 +3,10 @@
 segment-anything's ``Attention`` forms the (B*heads, N, N) score matrix by hand, adds the
 decomposed relative-position term, and applies softmax and the value product as three separate
 operations. :class:`SdpaAttention` computes the same function with one SDPA call, passing the
-relative-position term as an additive float mask, so PyTorch can pick a fused kernel (the
-memory-efficient kernel on GPU accepts an arbitrary additive mask with gradients).
+relative-position term as an additive float mask, so PyTorch can pick a fused kernel. In
+training the mask needs a gradient (it is built from the queries): on GPU the call is then
+limited to the memory-efficient kernel (and the math path), which have one; cuDNN attention,
+which PyTorch prefers on Hopper and newer, has none for its bias and would refuse the call.
 
 Swapping keeps every parameter and state-dict key (``qkv``, ``proj``, ``rel_pos_h``,
 ``rel_pos_w``): the new module reuses the old one's submodules, including an adapter that
@@ -14,11 +16,17 @@ that need the spatial layout (Conv-LoRA) see what they see under segment-anythin
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# SDPA kernels that give an additive float mask its gradient.
+MASK_GRAD_BACKENDS = (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
 def rel_pos_bias(
@@ -46,6 +54,14 @@ def rel_pos_bias(
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)  # (B, heads, H, W, W_k)
     bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, heads, H, W, H_k, W_k)
     return bias.reshape(b, heads, n, n).to(q.dtype)
+
+
+def kernels_for(q: torch.Tensor, mask: torch.Tensor | None) -> contextlib.AbstractContextManager:
+    """The SDPA kernels allowed for this call: on GPU, with a mask that needs a gradient, only
+    :data:`MASK_GRAD_BACKENDS`; elsewhere PyTorch's own choice."""
+    if mask is not None and mask.requires_grad and q.device.type == "cuda":
+        return sdpa_kernel(list(MASK_GRAD_BACKENDS))
+    return contextlib.nullcontext()
 
 
 class SdpaAttention(Attention):
@@ -83,7 +99,8 @@ class SdpaAttention(Attention):
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         mask = rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w)) if self.use_rel_pos else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        with kernels_for(q, mask):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = out.transpose(1, 2).reshape(b, h, w, -1)
         return self.proj(out)
 
