@@ -234,6 +234,7 @@ class _CountingObserver:
 
     def on_epoch(self, epoch, metrics, *, pictures, adapter_dir) -> None:
         self.seen += 1
+        self.pictures = pictures
 
     def on_end(self, status, message="") -> None:
         pass
@@ -485,9 +486,10 @@ def test_two_data_parallel_ranks_draw_different_dropout_masks(scenes, tmp_path):
 )
 def test_fit_under_bf16_autocast(scenes, tmp_path, monkeypatch, method, base_dtype):
     """The GPU default (bf16 autocast, the frozen base in float32 or held in bf16), run on CPU
-    autocast: training and evaluation go through (with activation checkpointing), and the
-    losses and metrics stay close to the float32 run's."""
+    autocast: training, evaluation and the prediction pictures go through (with activation
+    checkpointing), and the losses and metrics stay close to the float32 run's."""
     extra = [f"adapter.method={method}", "train.max_steps_per_epoch=2", "train.epochs=1"]
+    extra.append("train.vis_samples=1")
     cfg = small_config(tmp_path / "o", scenes, *extra, "train.activation_checkpointing=true")
     want = fit(cfg, local_context(), log=lambda s: None)
 
@@ -498,7 +500,14 @@ def test_fit_under_bf16_autocast(scenes, tmp_path, monkeypatch, method, base_dty
     monkeypatch.setattr(evaluate_mod, "autocast_for", cpu_bf16)
     # base_dtype=bfloat16 is refused without a GPU: set it past the config's check
     model = cfg.model.model_copy(update={"base_dtype": base_dtype})
-    got = fit(cfg.model_copy(update={"model": model}), local_context(), log=lambda s: None)
+    observer = _CountingObserver()
+    got = fit(
+        cfg.model_copy(update={"model": model}),
+        local_context(),
+        observer=observer,
+        log=lambda s: None,
+    )
+    assert list(observer.pictures) == ["sample0"]
     assert got != want  # the run did compute in bf16
     for k in (k for k in want if k.startswith(("train/loss/", "val/"))):
         assert got[k] == pytest.approx(want[k], rel=5e-2, abs=1e-2), k

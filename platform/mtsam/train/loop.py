@@ -500,6 +500,7 @@ def _report_epoch(
                     count=cfg.train.vis_samples,
                     device=ctx.device,
                     stacked=cfg.train.stacked,
+                    precision=cfg.train.precision,
                 )
             observer.on_epoch(epoch + 1, metrics, pictures=pictures, adapter_dir=d / "adapter")
             extra["observer"] = observer.state_dict()  # e.g. the best value its run holds
@@ -517,15 +518,19 @@ def _report_epoch(
 
 
 @torch.no_grad()
-def draw_predictions(model, dataset, tasks, *, count, device, stacked=True) -> dict[str, Any]:
+def draw_predictions(
+    model, dataset, tasks, *, count, device, stacked=True, precision="auto"
+) -> dict[str, Any]:
     """{"sample<i>": {"image": (3,H,W) float, task: (pred_rgb, target_rgb)}} for the first
-    ``count`` validation samples (a fixed set, the same every epoch)."""
+    ``count`` validation samples (a fixed set, the same every epoch), predicted under the
+    training's autocast (a bf16 base needs it)."""
     was = model.training
     model.eval()
     out: dict[str, Any] = {}
     for i in range(min(count, len(dataset))):
         sample = dataset[i]
-        pred = model(sample["image"].unsqueeze(0).to(device), stacked=stacked)
+        with autocast_for(device, precision):
+            pred = model(sample["image"].unsqueeze(0).to(device), stacked=stacked)
         entry: dict[str, Any] = {"image": sample["image"]}
         for t in tasks:
             entry[t.name] = t.visualize(pred[t.name][0].float().cpu(), sample[t.name])
