@@ -255,7 +255,10 @@ class ScalingConfig(_Section):
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); CPU workers use gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     gpus_per_worker: float = Field(
-        1.0, gt=0, le=1, description="GPU share per worker when use_gpu (fractions allowed)."
+        1.0,
+        gt=0,
+        le=1,
+        description="GPU share per worker when use_gpu (fractions only with one worker).",
     )
     max_failures: int = Field(1, ge=-1, description="Worker-group restarts (-1: unlimited).")
     storage_path: str | None = Field(
@@ -386,6 +389,14 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 "model.base_dtype = 'bfloat16': needs train.precision = 'auto' or 'bf16' "
                 "(a bf16 base runs under autocast)"
+            )
+        sc = self.scaling
+        if sc.use_gpu and sc.num_workers > 1 and sc.gpus_per_worker < 1:
+            # Ray may pack two such workers onto one GPU, and NCCL refuses two ranks on one.
+            raise ValueError(
+                f"scaling.gpus_per_worker = {sc.gpus_per_worker} with scaling.num_workers = "
+                f"{sc.num_workers}: NCCL needs a whole GPU per worker (fractions are for "
+                "single-worker sweep trials)"
             )
         if self.train.precision == "bf16" and not self.scaling.use_gpu:
             raise ValueError("train.precision = 'bf16': needs scaling.use_gpu = true (CPU is fp32)")
