@@ -35,8 +35,9 @@ def rng_state() -> dict[str, Any]:
         "numpy_pos": int(np_state[2]),
         "python": json.dumps(random.getstate()),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    # No CUDA states: the loop's per-epoch torch.manual_seed reseeds every GPU before the GPU
+    # draws anything, and restoring one state per GPU seen at save time fails (IndexError)
+    # when a restart sees fewer GPUs.
     return state
 
 
@@ -45,9 +46,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     keys = state["numpy_keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
     py = json.loads(state["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate((py[0], tuple(py[1]), py[2]))  # a "cuda" entry (older checkpoints): unused
 
 
 def save_train_state(
