@@ -11,7 +11,8 @@ adapter describes the model; the data come from --config (default configs/defaul
 --set of model.* or adapter.* keys is refused (model.checkpoint and model.attention excepted).
 A random base (no --base-checkpoint, no checkpoint in the config) is rebuilt from the seed the
 adapter recorded, so it is the same random base the adapter was trained on. --json FILE also
-writes the metrics at full precision.
+writes the metrics at full precision. --device auto (the default) runs on a GPU when one is
+visible, under the config's train.precision (bf16 autocast for auto), else on the CPU in fp32.
 """
 
 from __future__ import annotations
@@ -121,8 +122,20 @@ def _check_tasks(model, tasks, where: str) -> None:
         )
 
 
-def evaluate_split(cfg, model, tasks, *, split: str) -> dict[str, float]:
-    """Flat metrics ("val/<task>/<metric>", "val/delta_m") of ``model`` on ``split``."""
+def pick_device(name: str):
+    """``--device``: auto (a GPU when one is visible, else the CPU), cpu or cuda."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no GPU is visible (torch.cuda.is_available() is False)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def evaluate_split(cfg, model, tasks, *, split: str, device=None) -> dict[str, float]:
+    """Flat metrics ("val/<task>/<metric>", "val/delta_m") of ``model`` on ``split``, on
+    ``device`` (default CPU): fp32 on the CPU, the config's train.precision on a GPU."""
     import torch
 
     from mtsam.tasks import task_metric_directions
@@ -146,9 +159,9 @@ def evaluate_split(cfg, model, tasks, *, split: str) -> dict[str, float]:
     loader = eval_loader(
         ds, batch_size=cfg.train.batch_size, rank=0, world_size=1, workers=cfg.data.loader_workers
     )
-    results = evaluate(
-        model, loader, tasks, device=torch.device("cpu"), precision="fp32", stacked=True
-    )
+    device = device or torch.device("cpu")
+    precision = cfg.train.precision if device.type == "cuda" else "fp32"
+    results = evaluate(model.to(device), loader, tasks, device=device, precision=precision)
     return flat_metrics(results, cfg.data.baseline or None, task_metric_directions(tasks))
 
 
@@ -177,11 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", choices=("val", "train"), default="val", help="split (val)")
     ap.add_argument("--base-checkpoint", metavar="SAM_PTH", help="SAM base weights (.pth)")
     ap.add_argument("--json", metavar="FILE", help="also write the metrics to FILE as JSON")
+    ap.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to evaluate (auto: a GPU when one is visible)",
+    )
     args = ap.parse_args(argv)
 
     from mtsam.tasks import build_tasks
 
     try:
+        device = pick_device(args.device)
         if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
             raise FileNotFoundError(f"--json {args.json}: expected a file in an existing folder")
         if args.base_checkpoint and not Path(args.base_checkpoint).is_file():
@@ -204,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             model = _model_from_adapter(args.adapter, base=base, cfg=cfg)
             name = Path(args.adapter).name if "/" in args.adapter else args.adapter
         _check_tasks(model, tasks, args.checkpoint or args.adapter)
-        metrics: dict[str, Any] = evaluate_split(cfg, model, tasks, split=args.split)
+        metrics: dict[str, Any] = evaluate_split(cfg, model, tasks, split=args.split, device=device)
     except (ValueError, OSError) as e:  # OSError: a path that cannot be read or created
         return fail(e)
     if args.split != "val":

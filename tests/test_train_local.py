@@ -334,6 +334,10 @@ def test_corrupt_checkpoint_gives_a_clear_error(reference, tmp_path, capsys):
     assert sorted(
         p.name for p in tmp_path.parent.iterdir() if p.name.startswith(tmp_path.name)
     ) == [tmp_path.name]
+    if not torch.cuda.is_available():  # --device cuda without a GPU: refused up front
+        assert evaluate_job.main(["--checkpoint", good, "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "error: --device cuda: no GPU is visible (torch.cuda.is_available() is False)"
 
 
 def test_evaluate_cli_reproduces_the_metrics_the_run_reported(
