@@ -401,6 +401,17 @@ def _person(**fields: object) -> dict:
     return {"anno": {"objects": {"class": "person", "classIndex": 15, **fields}}}
 
 
+def test_pascal_objects_other_than_persons_need_no_mask(tmp_path):
+    """Only person objects are read: another object's missing mask is not an error."""
+    from mtsam.data.pascal_context import read_human_parts
+
+    path = tmp_path / "a.mat"
+    cat = {"class": "cat", "classIndex": 8, "parts": np.zeros(0)}
+    person = {"class": "person", "classIndex": 15, "mask": np.ones((H, W)), "parts": np.zeros(0)}
+    scipy.io.savemat(path, {"anno": {"objects": np.array([cat, person], dtype=object)}})
+    assert (read_human_parts(path, shape=(H, W)) == -1).all()  # the person, without parts
+
+
 PASCAL_CASES: dict[str, tuple[Corrupt, str, str]] = {
     "split file": (
         lambda r: (r / "ImageSets/Context/train.txt").unlink(),
@@ -476,10 +487,10 @@ PASCAL_CASES: dict[str, tuple[Corrupt, str, str]] = {
         "human_parts/2008_000002.mat",
         "not a readable .mat file",
     ),
-    "object without mask": (
+    "person without mask": (
         _mat("human_parts/2008_000002.mat", _person(parts=np.zeros(0))),
         "human_parts/2008_000002.mat",
-        "class, classIndex, mask, parts",
+        "person object needs fields mask, parts",
     ),
     "part without mask": (
         _mat(

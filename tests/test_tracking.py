@@ -335,6 +335,31 @@ def test_a_spool_line_cut_by_a_crash_is_repaired_before_the_next_append(tmp_path
     assert len(ops) == rep.pending and spool.read_text().endswith("}\n")
 
 
+def test_a_spool_that_cannot_be_repaired_is_still_read(tmp_path, monkeypatch):
+    """A cut-off spool on a read-only file (or mount) loads as before: the repair is skipped."""
+    import builtins
+
+    import mtsam.tracking.spool as spool_mod
+
+    dead = f"http://127.0.0.1:{_free_port()}"
+    tr = RunTracker(dead, "ro", run_name="t", spool_dir=tmp_path, request_timeout_s=1)
+    tr.log_metrics({"train/loss": 0.5}, step=0)
+    tr.finish()
+    path = tmp_path / SPOOL_FILE
+    path.write_bytes(path.read_bytes()[:-10])
+    cut = path.read_bytes()
+
+    def read_only(file, mode="r", *args, **kwargs):
+        if "+" in mode or "w" in mode or "a" in mode:
+            raise PermissionError(13, "Read-only file system", str(file))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(spool_mod, "open", read_only, raising=False)
+    _, ops = Spool(tmp_path).load()
+    assert [op["op"] for op in ops][-1] == "metrics"  # the cut terminate line is dropped
+    assert path.read_bytes() == cut
+
+
 def test_spools_set_aside_at_the_same_time_keep_both(tmp_path, monkeypatch):
     """A run folder reused by other runs during an outage sets each old spool aside; two set
     aside within the same clock tick must not overwrite each other."""

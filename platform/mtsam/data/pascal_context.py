@@ -111,13 +111,16 @@ def read_human_parts(path: Path, *, shape: tuple[int, int]) -> np.ndarray:
     for obj in np.atleast_1d(objects).ravel():
         try:
             name, cls_idx = str(getattr(obj, "class")), int(obj.classIndex)
-            obj_mask, parts = obj.mask, np.atleast_1d(obj.parts).ravel()
         except (AttributeError, TypeError, ValueError):
             raise DatasetError(
-                f"{path}: each anno.objects entry needs fields class, classIndex, mask, parts"
+                f"{path}: each anno.objects entry needs fields class, classIndex"
             ) from None
         if cls_idx != PERSON_CLASS_INDEX and name != "person":
-            continue
+            continue  # only persons are read
+        try:
+            obj_mask, parts = obj.mask, np.atleast_1d(obj.parts).ravel()
+        except (AttributeError, TypeError, ValueError):
+            raise DatasetError(f"{path}: each person object needs fields mask, parts") from None
         if parts.size == 0:
             target[_mask(obj_mask, path, shape, "person")] = -1
             continue

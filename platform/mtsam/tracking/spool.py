@@ -19,12 +19,15 @@ are removed by rewriting the file atomically; an empty spool is deleted.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("mtsam.tracking")
 
 SPOOL_FILE = "mlflow_spool.jsonl"
 ARTIFACTS_DIR = "mlflow_spool_artifacts"
@@ -85,16 +88,20 @@ class Spool:
         return header, ops
 
     def _repair(self, end: int, *, newline: bool) -> None:
-        """Cut the file to its first ``end`` bytes (and end it with a newline)."""
+        """Cut the file to its first ``end`` bytes (and end it with a newline). A file that
+        cannot be written (read-only) is left as it is: reading it still works."""
         # In place rather than by rewriting: whenever a crash comes, the complete lines are
         # left as they were.
-        with open(self.path, "r+b") as f:
-            f.truncate(end)
-            if newline:
-                f.seek(end)
-                f.write(b"\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+                if newline:
+                    f.seek(end)
+                    f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            log.warning("MLflow spool %s: cannot repair its cut-off last line (%s)", self.path, e)
 
     def append(self, header: dict[str, Any], ops: list[dict[str, Any]]) -> None:
         """Append ``ops`` (writing the header first if the file is new) and flush to disk."""
