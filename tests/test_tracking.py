@@ -430,14 +430,22 @@ def test_a_sync_cut_short_keeps_every_pending_operation(tmp_path, monkeypatch):
 
 
 def test_sync_goes_on_past_a_malformed_spool(sqlite_uri, tmp_path):
-    """A malformed spool (of one trial of a sweep) does not keep the spools after it from being
-    synced; the job then ends with one line naming the bad file, exit 2."""
+    """A malformed spool (of one trial of a sweep), or one whose header names no run, does not
+    keep the spools after it from being synced; the job then ends with one line per bad file,
+    exit 2."""
     from mtsam.tracking.spool import FORMAT
 
     dead = f"http://127.0.0.1:{_free_port()}"
     bad = tmp_path / "trial_a" / SPOOL_FILE
     bad.parent.mkdir()
     bad.write_text(json.dumps({"mtsam_spool": FORMAT, "tracking_uri": dead}) + "\nnot json\n{}\n")
+    # a well-formed spool whose header names no run (no id, experiment or run name)
+    nameless = tmp_path / "trial_0" / SPOOL_FILE
+    nameless.parent.mkdir()
+    op = {"seq": 0, "op": "metrics", "metrics": {"a": 1.0}, "step": 0, "timestamp": 0}
+    nameless.write_text(
+        json.dumps({"mtsam_spool": FORMAT, "tracking_uri": dead}) + "\n" + json.dumps(op) + "\n"
+    )
     tr = RunTracker(
         dead, "many", run_name="trial_b", spool_dir=tmp_path / "trial_b", request_timeout_s=1
     )
@@ -452,6 +460,7 @@ def test_sync_goes_on_past_a_malformed_spool(sqlite_uri, tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     last = (r.stdout + r.stderr).strip().splitlines()[-1]
     assert last.startswith(f"error: {bad}:2: not valid JSON"), r.stdout + r.stderr
+    assert f"error: {nameless}: its header names no run to send to" in r.stderr
     assert "Traceback" not in r.stderr and bad.is_file()
     assert not (tmp_path / "trial_b" / SPOOL_FILE).exists()  # delivered
     c = _client(sqlite_uri)

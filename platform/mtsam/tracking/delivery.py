@@ -102,7 +102,7 @@ class RunTarget:
             parent_run_id=h.get("parent_run_id"),
             # A run id belongs to the back end it was created on.
             run_id=h.get("run_id")
-            if not tracking_uri or tracking_uri == h["tracking_uri"]
+            if not tracking_uri or tracking_uri == h.get("tracking_uri")
             else None,
             start_time=int(h.get("start_time") or time.time() * 1000),
         )

@@ -48,14 +48,14 @@ def sync_spool(
                 continue
             try:
                 header, ops = spool.load()
+                if not tracking_uri and not header.get("tracking_uri"):
+                    note = "skipped: its header names no tracking URI (pass one to sync it)"
+                    results.append(SyncResult(spool.path, None, note))
+                    continue
+                report = _sync_one(spool, header, ops, tracking_uri, request_timeout_s)
             except SpoolError as e:
                 results.append(SyncResult(spool.path, None, error=str(e)))
                 continue
-            if not tracking_uri and not header.get("tracking_uri"):
-                note = "skipped: its header names no tracking URI (pass one to sync it)"
-                results.append(SyncResult(spool.path, None, note))
-                continue
-            report = _sync_one(spool, header, ops, tracking_uri, request_timeout_s)
             results.append(SyncResult(spool.path, report))
         finally:
             os.close(fd)
@@ -69,8 +69,11 @@ def _sync_one(
     tracking_uri: str | None,
     timeout_s: float,
 ) -> DeliveryReport:
-    target = RunTarget.from_header(header, tracking_uri=tracking_uri)
-    d = Deliverer(target, spool, request_timeout_s=timeout_s, reopen=False)
+    try:
+        target = RunTarget.from_header(header, tracking_uri=tracking_uri)
+        d = Deliverer(target, spool, request_timeout_s=timeout_s, reopen=False)
+    except (TypeError, ValueError) as e:  # e.g. neither a run id nor experiment and run name
+        raise SpoolError(f"{spool.path}: its header names no run to send to ({e})") from None
     d.adopt(ops)
     d.pump(force=True)
     return d.report()
