@@ -357,6 +357,7 @@ def test_evaluate_cli_reproduces_the_metrics_the_run_reported(
             str(root / "checkpoint_0001"),
             "--json",
             str(out),
+            "--device=cpu",  # the run trained on the CPU in fp32 (a GPU would evaluate in bf16)
         ],
         cwd=REPO,
         env=env,
@@ -374,6 +375,7 @@ def test_evaluate_cli_reproduces_the_metrics_the_run_reported(
     # The adapter folder alone (plus data settings) rebuilds the same model.
     evaluate_job = _load_job("evaluate")
     data_args = [
+        "--device=cpu",
         f"--set=output_dir={cfg.output_dir}",
         f"--set=data.root={cfg.data.root}",
         f"--set=data.scenes.num_train={NUM_TRAIN}",
@@ -512,7 +514,8 @@ def test_fit_under_bf16_autocast(scenes, tmp_path, monkeypatch, method, base_dty
         log=lambda s: None,
     )
     assert list(observer.pictures) == ["sample0"]
-    assert got != want  # the run did compute in bf16
+    # the run did compute in bf16 (the losses and metrics differ, if only slightly)
+    assert any(got[k] != want[k] for k in want if k.startswith(("train/loss/", "val/")))
     for k in (k for k in want if k.startswith(("train/loss/", "val/"))):
         assert got[k] == pytest.approx(want[k], rel=5e-2, abs=1e-2), k
 
