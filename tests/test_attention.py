@@ -203,3 +203,13 @@ def test_gpu_calls_with_a_mask_gradient_use_kernels_that_give_one(monkeypatch):
     assert calls == []  # no mask (no relative positions): PyTorch's own choice
     assert SDPBackend.EFFICIENT_ATTENTION in attention.MASK_GRAD_BACKENDS
     assert SDPBackend.CUDNN_ATTENTION not in attention.MASK_GRAD_BACKENDS
+
+    # SdpaAttention asks kernels_for about each call, with the mask it passes to SDPA: in
+    # training that mask needs a gradient (it is built from the queries).
+    seen = []
+    choose = attention.kernels_for
+    monkeypatch.setattr(attention, "kernels_for", lambda q, m: seen.append(m) or choose(q, m))
+    ref = Attention(24, num_heads=3, use_rel_pos=True, input_size=(4, 5))
+    _randomise(ref, seed=1)
+    SdpaAttention.from_attention(ref)(torch.randn(2, 4, 5, 24)).sum().backward()
+    assert len(seen) == 1 and seen[0].shape == (2, 3, 20, 20) and seen[0].requires_grad
