@@ -101,11 +101,6 @@ BAD = [
     ({}, ["model.base_dtype=bfloat16"], r"use_gpu"),
     (
         {},
-        ["scaling.use_gpu=true", "scaling.num_workers=2", "scaling.gpus_per_worker=0.5"],
-        r"scaling\.gpus_per_worker = 0\.5 with scaling\.num_workers = 2: NCCL",
-    ),
-    (
-        {},
         ["scaling.use_gpu=true", "model.base_dtype=bfloat16", "train.precision=fp32"],
         r"model\.base_dtype = 'bfloat16': needs train\.precision",
     ),

@@ -252,6 +252,14 @@ def _refusal_case(case: str, job: str, tmp_path):
             "tracking.uri: ",
             lambda: not (out / "ray_results").exists() and not (out / "mlflow.db").exists(),
         )
+    if case == "GPU shares for several workers":
+        sets = [f"output_dir={out}", "scaling.use_gpu=true", "scaling.num_workers=2"]
+        sets.append("scaling.gpus_per_worker=0.5")
+        return (
+            [a for s in sets for a in ("--set", s)],
+            "scaling.gpus_per_worker = 0.5 with scaling.num_workers = 2: NCCL needs a whole GPU",
+            lambda: not out.exists(),
+        )
     if case == "name with a slash":
         return (
             ["--set", f"output_dir={out}", "--name", "../escape"],
@@ -297,6 +305,7 @@ def _refusal_case(case: str, job: str, tmp_path):
         "resume with name",
         "resume of the other job's folder",
         "name with a slash",
+        "GPU shares for several workers",
         "output_dir is a file",
         "unreachable tracking server",
         "truncated checkpoint",

@@ -390,14 +390,6 @@ class ExperimentConfig(_Section):
                 "model.base_dtype = 'bfloat16': needs train.precision = 'auto' or 'bf16' "
                 "(a bf16 base runs under autocast)"
             )
-        sc = self.scaling
-        if sc.use_gpu and sc.num_workers > 1 and sc.gpus_per_worker < 1:
-            # Ray may pack two such workers onto one GPU, and NCCL refuses two ranks on one.
-            raise ValueError(
-                f"scaling.gpus_per_worker = {sc.gpus_per_worker} with scaling.num_workers = "
-                f"{sc.num_workers}: NCCL needs a whole GPU per worker (fractions are for "
-                "single-worker sweep trials)"
-            )
         if self.train.precision == "bf16" and not self.scaling.use_gpu:
             raise ValueError("train.precision = 'bf16': needs scaling.use_gpu = true (CPU is fp32)")
         _check_metric_name(self.tune.metric, tasks)

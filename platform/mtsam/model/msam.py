@@ -323,7 +323,8 @@ class MSAM(nn.Module):
 
 def hold_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
     """Store every frozen parameter of ``model`` in ``dtype`` (e.g. bf16 on GPU, to halve the
-    base weights' memory); trainable tensors keep their dtype. Run it under autocast."""
+    base weights' memory); trainable tensors keep their dtype. The model must then run under
+    autocast, which casts the activations to match."""
     for p in model.parameters():
         if not p.requires_grad:
             p.data = p.data.to(dtype)

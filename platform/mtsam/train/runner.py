@@ -26,6 +26,19 @@ def ray_runtime_env() -> dict[str, Any]:
     }
 
 
+def check_scaling(cfg: ExperimentConfig) -> None:
+    """Refuse a worker layout that cannot start: several workers on GPU shares (Ray may pack
+    two of them onto one GPU, and NCCL refuses two ranks on one). Checked when a run or sweep
+    is launched or resumed, not in the config itself, so evaluation still reads any run."""
+    sc = cfg.scaling
+    if sc.use_gpu and sc.num_workers > 1 and sc.gpus_per_worker < 1:
+        raise ValueError(
+            f"scaling.gpus_per_worker = {sc.gpus_per_worker} with scaling.num_workers = "
+            f"{sc.num_workers}: NCCL needs a whole GPU per worker (fractions are for "
+            "single-worker sweep trials)"
+        )
+
+
 def resources_needed(cfg: ExperimentConfig, *, sweep: bool = False) -> dict[str, float]:
     """CPUs and GPUs one run (or one sweep trial, with its driver) reserves at once."""
     sc = cfg.scaling
