@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gloo import free_port, gloo_rank
 from mtsam.tasks import (
     ConfusionAccumulator,
     DepthAccumulator,
@@ -316,17 +316,8 @@ def test_all_reduce_without_process_group_is_noop():
     assert torch.equal(acc.state(), before)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gloo_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with gloo_rank(rank, port):
         accs = []
         for task in TASKS:
             logits, target = random_batch(task, 5, torch.Generator().manual_seed(5))
@@ -336,12 +327,10 @@ def _gloo_worker(rank: int, port: int, out_dir: str) -> None:
             accs.append(acc)
         all_reduce_(accs)
         torch.save([a.compute() for a in accs], os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_all_reduce_over_two_gloo_processes(tmp_path):
-    mp.spawn(_gloo_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     expected = []
     for task in TASKS:
         logits, target = random_batch(task, 5, torch.Generator().manual_seed(5))

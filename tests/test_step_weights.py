@@ -10,19 +10,18 @@ once in a single process.
 from __future__ import annotations
 
 import os
-import socket
 from contextlib import nullcontext
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gloo import free_port, gloo_rank
 from mtsam.tasks.checks import IGNORE_INDEX
 from mtsam.tasks.spec import ClassSegmentationTask, DepthTask, NormalTask
-from mtsam.train.context import WorkerContext, local_context
+from mtsam.train.context import local_context
 from mtsam.train.loop import step_pixel_weights
 
 TASKS = [
@@ -62,17 +61,7 @@ def _task_losses(out: torch.Tensor, batch) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        ctx = WorkerContext(
-            rank=rank,
-            world_size=2,
-            device=torch.device("cpu"),
-            report=lambda metrics, path: None,
-            resume_from=nullcontext,
-        )
+    with gloo_rank(rank, port) as ctx:
         net = DistributedDataParallel(_net())
         batches = [_shard(rank, k) for k in range(2)]
         weights = step_pixel_weights(TASKS, batches, ctx)
@@ -82,15 +71,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 sum(v * weights[k][n] for n, v in losses.items()).backward()
         grads = [p.grad for p in net.module.parameters()]
         torch.save({"grads": grads, "weights": weights}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_step_loss_is_the_mean_over_all_valid_pixels(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
 
     # Reference: one process, every image of the step in one batch, the tasks' own losses.
     whole = {

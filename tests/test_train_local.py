@@ -8,13 +8,11 @@ two real gloo ranks check that each rank draws its own branch-dropout masks.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 import mtsam.train.evaluate as evaluate_mod
+from gloo import free_port, gloo_rank
 from mtsam.adapters.dropout import BranchDropout
 from mtsam.config import load_config
 from mtsam.tasks import build_tasks, task_metric_directions
@@ -431,13 +430,8 @@ def test_each_rank_and_epoch_draws_its_own_dropout_masks():
 def _two_rank_worker(rank: int, port: int, cfg, out_dir: str) -> None:
     """One of two gloo ranks running ``fit``; saves the first branch-dropout mask of each epoch
     and the (seed, epoch, rank) the loop seeded with."""
-    import torch.distributed as dist
-
     import mtsam.adapters.dropout as dropout_mod
-    from mtsam.train.context import WorkerContext
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
     seeded: list[tuple[int, int, int]] = []
     first_masks: dict[int, torch.Tensor] = {}
     real_keep_mask = dropout_mod.keep_mask
@@ -452,18 +446,8 @@ def _two_rank_worker(rank: int, port: int, cfg, out_dir: str) -> None:
         return m
 
     loop.seed_epoch, dropout_mod.keep_mask = seed, keep_mask
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        ctx = WorkerContext(
-            rank=rank,
-            world_size=2,
-            device=torch.device("cpu"),
-            report=lambda metrics, path: None,
-            resume_from=contextlib.nullcontext,
-        )
+    with gloo_rank(rank, port) as ctx:
         fit(cfg, ctx, log=lambda s: None)
-    finally:
-        dist.destroy_process_group()
     torch.save({"seeded": seeded, "masks": first_masks}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -472,10 +456,7 @@ def test_two_data_parallel_ranks_draw_different_dropout_masks(scenes, tmp_path):
     branch-dropout masks differ (same model seed, same mask shape), and differ across epochs."""
     cfg = small_config(tmp_path / "o", scenes, "adapter.dropout=0.3", "train.max_steps_per_epoch=1")
     data_root(cfg)  # generate the scenes once, before the ranks read them
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_two_rank_worker, args=(port, cfg, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_two_rank_worker, args=(free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for r in (0, 1):
         assert got[r]["seeded"] == [(cfg.seed, 0, r), (cfg.seed, 1, r)]
