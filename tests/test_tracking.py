@@ -502,14 +502,67 @@ def test_flatten_params():
     assert flat == {"a.b": "1", "a.c.d": "True", "e": "[1, 2]", "f": "None", "g": "{}"}
 
 
-def test_load_adapter_from_local_folder(tmp_path):
+def test_load_adapter_from_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no tracking store anywhere: a folder needs none
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     folder, state = _tiny_adapter(tmp_path)
-    _same_state(mtsam.load_adapter(str(folder)), state)
-    _same_state(load_adapter(f"file://{folder}"), state)
+    for model in (mtsam.load_adapter(str(folder)), load_adapter(f"file://{folder}")):
+        _same_state(model, state)
+        assert not any(m.training for m in model.modules())  # ready for inference
     from mtsam.adapters.io import AdapterNotFoundError
 
     with pytest.raises(AdapterNotFoundError):
         load_adapter(tmp_path / "nope")
+    assert not list(tmp_path.rglob("*.db"))
+
+
+def test_load_adapter_uses_the_project_store_by_default(tmp_path, monkeypatch):
+    """As in the README: without tracking_uri, runs:/ and models:/ are read from
+    ./outputs/mlflow.db (the default output_dir), unless $MLFLOW_TRACKING_URI names a store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    project = tmp_path / "project"
+    uri = resolve_tracking_uri(None, project / "outputs")
+    check_tracking_uri(uri, timeout_s=5)
+    folder, state = _tiny_adapter(tmp_path)
+    tr = RunTracker(uri, "default", run_name="trial_0", spool_dir=tmp_path / "spool")
+    tr.log_artifact_dir(folder, "adapter")
+    assert tr.finish().complete
+    assert register_adapter(uri, run_id=tr.run_id, name="tiny-tora", alias="best") == "1"
+    sources = (f"runs:/{tr.run_id}/adapter", "models:/tiny-tora/1", "models:/tiny-tora@best")
+
+    monkeypatch.chdir(project)
+    for source in sources:
+        model = mtsam.load_adapter(source)
+        _same_state(model, state)
+        assert not any(m.training for m in model.modules())
+
+    # $MLFLOW_TRACKING_URI wins over ./outputs/mlflow.db, from any folder.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    _same_state(load_adapter(sources[1]), state)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}/other.db")
+    from mtsam.adapters.io import AdapterNotFoundError
+
+    with pytest.raises(AdapterNotFoundError, match=r"other\.db"):
+        load_adapter(sources[0])
+    assert not (elsewhere / "other.db").exists()
+
+
+def test_load_adapter_without_a_store_fails_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    from mtsam.adapters.io import AdapterNotFoundError
+
+    for source in ("runs:/" + "0" * 32 + "/adapter", "models:/tiny-tora/1"):
+        with pytest.raises(AdapterNotFoundError) as e:
+            mtsam.load_adapter(source)
+        msg = str(e.value)
+        assert "\n" not in msg and str(tmp_path / "outputs" / "mlflow.db") in msg, msg
+        assert "tracking_uri=" in msg and "MLFLOW_TRACKING_URI" in msg, msg
+    assert list(tmp_path.iterdir()) == []  # neither a database nor a folder was created
 
 
 # ------------------------------------------------------------------ real server

@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 
 from mtsam.adapters.io import META_FILE, AdapterNotFoundError, build_from_adapter
 from mtsam.tracking.client import make_client, one_line
-from mtsam.tracking.uri import TrackingError, http_limits
+from mtsam.tracking.uri import TrackingError, http_limits, resolve_tracking_uri, sqlite_path
 
 if TYPE_CHECKING:
     from mtsam.model.msam import MSAM
@@ -97,6 +97,23 @@ def _model_source(text: str, tracking_uri: str) -> str:
     return client.get_model_version(name, version).source
 
 
+def _store_uri(tracking_uri: str | None, text: str) -> str:
+    """``tracking_uri`` or, for None, the store of the default config (``$MLFLOW_TRACKING_URI``,
+    else ``<cwd>/<output_dir>/mlflow.db``), as :func:`resolve_tracking_uri` resolves it. A SQLite
+    store that ``runs:``/``models:`` read must already exist: opening a missing one would create
+    an empty database (other artifact URIs, e.g. ``s3://``, need no store)."""
+    from mtsam.config import ExperimentConfig
+
+    output_dir = ExperimentConfig.model_fields["output_dir"].default
+    uri = resolve_tracking_uri(tracking_uri, output_dir)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file() and text.startswith(("runs:", "models:")):
+        raise AdapterNotFoundError(
+            f"{text}: no MLflow store at {db} (pass tracking_uri= or set $MLFLOW_TRACKING_URI)"
+        )
+    return uri
+
+
 def load_adapter(
     uri_or_path: str | Path,
     *,
@@ -105,15 +122,18 @@ def load_adapter(
     allow_other_base: bool = False,
     tracking_uri: str | None = None,
 ) -> MSAM:
-    """A ready mSAM from a saved adapter: a local folder, ``runs:/<run_id>/adapter``,
-    ``models:/<name>/<version>`` (or ``/latest``), ``models:/<name>@<alias>`` or any MLflow
-    artifact URI.
+    """A ready mSAM, in eval mode, from a saved adapter: a local folder,
+    ``runs:/<run_id>/adapter``, ``models:/<name>/<version>`` (or ``/latest``),
+    ``models:/<name>@<alias>`` or any MLflow artifact URI.
 
-    The adapter folder (``adapter.safetensors`` + ``adapter.json``) is downloaded to a temporary
-    folder (``tracking_uri``: default ``$MLFLOW_TRACKING_URI``), then
-    :func:`mtsam.adapters.io.build_from_adapter` rebuilds the model on the base ``checkpoint``
-    (None: the random base the adapter was trained on, re-created from the seed in its
-    fingerprint, or ``seed``).
+    A local folder needs no tracking store. Otherwise the adapter folder
+    (``adapter.safetensors`` + ``adapter.json``) is downloaded to a temporary folder from the
+    MLflow store at ``tracking_uri``; None means what training uses with the default config:
+    ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/outputs/mlflow.db``. A SQLite store that
+    does not exist raises :class:`~mtsam.adapters.io.AdapterNotFoundError` (none is created).
+    Then :func:`mtsam.adapters.io.build_from_adapter` rebuilds the model on the base
+    ``checkpoint`` (None: the random base the adapter was trained on, re-created from the seed
+    in its fingerprint, or ``seed``).
     """
     text = str(uri_or_path)
     if text.startswith("file:"):
@@ -122,14 +142,14 @@ def load_adapter(
         local = Path(text)
         if not local.is_dir():
             raise AdapterNotFoundError(f"{local}: no such adapter directory")
-        return build_from_adapter(
+        model = build_from_adapter(
             local, checkpoint=checkpoint, seed=seed, allow_other_base=allow_other_base
         )
+        return model.eval()
 
-    import mlflow
     import mlflow.artifacts
 
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    uri = _store_uri(tracking_uri, text)
     with tempfile.TemporaryDirectory(prefix="mtsam-adapter-") as tmp:
         try:
             # models:/ URIs are resolved here: MLflow's download would look the model up in the
@@ -145,9 +165,10 @@ def load_adapter(
         except OSError as e:
             raise AdapterNotFoundError(f"{text}: cannot download ({one_line(e)})") from None
         folder = _adapter_folder(Path(got), text)
-        return build_from_adapter(
+        model = build_from_adapter(
             folder, checkpoint=checkpoint, seed=seed, allow_other_base=allow_other_base
         )
+    return model.eval()
 
 
 __all__ = ["load_adapter", "register_adapter"]
