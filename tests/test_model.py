@@ -283,8 +283,27 @@ def test_truncated_checkpoint(tmp_path, sam_tiny_ckpt):
     _, path = sam_tiny_ckpt
     bad = tmp_path / "truncated.pth"
     bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"truncated\.pth.*truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=r"truncated\.pth.*truncated, corrupt"):
         build_msam("tiny", NYU, checkpoint=bad)
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+@pytest.mark.parametrize("keep", [1, 40, 0.5], ids=["1-byte", "40-bytes", "half"])
+def test_truncated_checkpoint_is_one_short_line(tmp_path, sam_tiny_ckpt, zipped, keep):
+    """A real state dict cut short: one line naming the file and the preset, without torch's
+    advice paragraphs (a 1-byte file makes torch explain ``weights_only`` at length)."""
+    sam, _ = sam_tiny_ckpt
+    full = tmp_path / "full.pth"
+    torch.save(sam.state_dict(), full, _use_new_zipfile_serialization=zipped)
+    data = full.read_bytes()
+    bad = tmp_path / "cut.pth"
+    bad.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
+    with pytest.raises(CheckpointError) as e:
+        build_msam("tiny", NYU, checkpoint=bad)
+    msg = str(e.value)
+    assert "\n" not in msg and str(bad) in msg and "preset 'tiny'" in msg, msg
+    assert "could not be read as a PyTorch checkpoint" in msg, msg
+    assert "weights_only" not in msg and "miniz" not in msg and len(msg) < 300, msg
 
 
 def test_garbage_and_missing_checkpoint(tmp_path):

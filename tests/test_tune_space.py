@@ -286,7 +286,7 @@ def _refusal_case(case: str, job: str, tmp_path):
     if case == "truncated checkpoint":
         torch.save({"image_encoder.pos_embed": torch.zeros(1, 4, 4, 64)}, ckpt)
         ckpt.write_bytes(ckpt.read_bytes()[:100])
-        expect = f"checkpoint {ckpt}: not a readable torch state"
+        expect = f"checkpoint {ckpt} (preset 'tiny'): could not be read as a PyTorch checkpoint"
     else:  # a readable state dict that is not the preset's
         torch.save({"image_encoder.pos_embed": torch.zeros(1, 4, 4, 64)}, ckpt)
         expect = f"model.checkpoint {ckpt} does not fit preset 'tiny'"

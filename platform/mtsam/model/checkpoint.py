@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
+import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,24 +51,50 @@ def file_fingerprint(path: str | Path, *, chunk: int = 1 << 22) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)`` a state dict, turning every failure into one clear line."""
+def read_state_dict(path: str | Path, *, preset: str | None = None) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)`` a state dict, turning every failure into one clear line.
+
+    ``preset``, when given, is named in the error (the preset the file was meant for).
+    """
     path = Path(path)
+    where = f"checkpoint {path}" + (f" (preset {preset!r})" if preset else "")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no such file")
+        raise CheckpointError(f"{where}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except (
+        RuntimeError,
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        OSError,
+        struct.error,  # a legacy (non-zip) file cut short
+        IndexError,
+        ValueError,
+    ) as e:
         raise CheckpointError(
-            f"checkpoint {path}: not a readable torch state dict (truncated or corrupt?): {first}"
+            f"{where}: could not be read as a PyTorch checkpoint "
+            f"(truncated, corrupt or not a checkpoint): {_torch_reason(e)}"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
-            f"checkpoint {path}: expected a flat state dict of tensors (SAM's format), "
+            f"{where}: expected a flat state dict of tensors (SAM's format), "
             f"got {type(state).__name__}"
         )
     return state
+
+
+def _torch_reason(e: BaseException, limit: int = 120) -> str:
+    """The gist of a ``torch.load`` error: the first sentence of its first line, without
+    torch's advice that follows (the ``weights_only`` and miniz paragraphs)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    if not text:
+        return type(e).__name__
+    first = text.splitlines()[0].strip()
+    first = re.split(r"(?<=[^.])\. ", first + " ", maxsplit=1)[0].strip().rstrip(".")
+    if len(first) > limit:
+        first = first[: limit - 3].rstrip() + "..."
+    return first
 
 
 def sam_to_msam_state(
@@ -141,7 +169,7 @@ def load_sam_checkpoint(model: MSAM, path: str | Path) -> None:
     """Load SAM weights from ``path`` into ``model`` in place and record the file's fingerprint."""
     load_sam_state(
         model,
-        read_state_dict(path),
+        read_state_dict(path, preset=model.preset.name),
         source=f"checkpoint {path}",
         fingerprint=file_fingerprint(path),
     )

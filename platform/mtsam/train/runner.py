@@ -110,7 +110,7 @@ def read_base_weights(cfg: ExperimentConfig) -> tuple[dict[str, Any], str] | Non
         return None
     from mtsam.model.checkpoint import check_fits_preset, file_fingerprint, read_state_dict
 
-    state = read_state_dict(path)
+    state = read_state_dict(path, preset=cfg.model.preset)
     check_fits_preset(state, cfg.model.preset, source=f"model.checkpoint {path}")
     return state, file_fingerprint(path)
 
