@@ -186,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", metavar="DIR", help="training checkpoint folder")
     which.add_argument("--adapter", metavar="DIR_OR_URI", help="adapter folder or MLflow URI")
-    add_config_args(ap)
+    add_config_args(
+        ap,
+        config_help="experiment YAML; with --checkpoint: only its data section is used, in\n"
+        "place of the run's (default: the config stored in the checkpoint);\n"
+        "with --adapter: data and evaluation settings (default: configs/default.yaml)",
+    )
     ap.add_argument("--split", choices=("val", "train"), default="val", help="split (val)")
     ap.add_argument("--base-checkpoint", metavar="SAM_PTH", help="SAM base weights (.pth)")
     ap.add_argument("--json", metavar="FILE", help="also write the metrics to FILE as JSON")

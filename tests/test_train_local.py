@@ -290,6 +290,29 @@ def _load_job(name: str):
     return module
 
 
+def _config_help(job: str, capsys) -> str:
+    """The ``--config`` entry of ``jobs/<job>.py --help``, whitespace folded."""
+    with pytest.raises(SystemExit) as e:
+        _load_job(job).main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    entry = out.split("\n  --config CONFIG", 1)[1].split("\n  --set KEY=VALUE", 1)[0]
+    return " ".join(entry.split())
+
+
+def test_evaluate_help_gives_the_config_defaults_it_uses(capsys):
+    """--checkpoint falls back to the config stored in the run, --adapter to
+    configs/default.yaml: neither to the built-in defaults, which train.py's help names."""
+    evaluate_help = _config_help("evaluate", capsys)
+    assert "built-in defaults" not in evaluate_help, evaluate_help
+    assert "with --checkpoint: only its data section is used" in evaluate_help, evaluate_help
+    assert "(default: the config stored in the checkpoint)" in evaluate_help, evaluate_help
+    assert "with --adapter: data and evaluation settings" in evaluate_help, evaluate_help
+    assert "(default: configs/default.yaml)" in evaluate_help, evaluate_help
+    assert _load_job("evaluate").DEFAULT_CONFIG.endswith("/configs/default.yaml")
+    assert _config_help("train", capsys) == "experiment YAML (default: built-in defaults)"
+
+
 def test_corrupt_checkpoint_gives_a_clear_error(reference, tmp_path, capsys):
     cfg, _, root, _ = reference
     broken = tmp_path / "broken"

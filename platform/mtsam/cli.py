@@ -12,13 +12,16 @@ from typing import Any
 from mtsam.config import ExperimentConfig, load_config
 
 
-def add_config_args(ap: argparse.ArgumentParser, *, default: str | None = None) -> None:
+def add_config_args(
+    ap: argparse.ArgumentParser, *, default: str | None = None, config_help: str | None = None
+) -> None:
     """``--config`` and ``--set``; ``args.config`` stays None unless given (so it can conflict
-    with ``--resume``), ``args.default_config`` holds ``default``."""
+    with ``--resume``), ``args.default_config`` holds ``default``. ``config_help`` replaces
+    the ``--config`` help for a script that reads the file its own way (jobs/evaluate.py)."""
     ap.add_argument(
         "--config",
         default=None,
-        help=f"experiment YAML (default: {default or 'built-in defaults'})",
+        help=config_help or f"experiment YAML (default: {default or 'built-in defaults'})",
     )
     ap.set_defaults(default_config=default)
     ap.add_argument(
