@@ -17,7 +17,13 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (puts platform/ on sys.path when mtsam is not installed)
 from mtsam.data import DATASET_TASKS, DatasetError, SplitSource, open_dataset, write_shards
-from mtsam.data.scenes import generate_scenes, scenes_key
+from mtsam.data.scenes import (
+    find_scene_sets,
+    generate_scenes,
+    is_generated,
+    read_scene_params,
+    scenes_key,
+)
 from mtsam.data.shards import dataset_fingerprint, source_fingerprint
 
 
@@ -73,8 +79,20 @@ def _scene_sources(args: argparse.Namespace, stack: ExitStack) -> dict[str, Spli
 
     def scenes_root() -> Path:
         if not made:
-            root = args.root or Path(stack.enter_context(tempfile.TemporaryDirectory())) / "s"
-            print(f"generating scenes in {root}", flush=True)
+            if args.root is None:
+                root = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "s"
+                print(f"generating scenes in {root}", flush=True)
+            else:
+                root = args.root
+                _check_scenes_root(root, params)
+                if is_generated(root, **params):
+                    print(f"reusing scenes in {root}", flush=True)
+                elif read_scene_params(root) is not None:
+                    print(
+                        f"generating scenes in {root} (replacing other options' scenes)", flush=True
+                    )
+                else:
+                    print(f"generating scenes in {root}", flush=True)
             made.append(generate_scenes(root, **params).root)
         return made[0]
 
@@ -90,6 +108,68 @@ def _scene_sources(args: argparse.Namespace, stack: ExitStack) -> dict[str, Spli
         )
         for split in args.splits
     }
+
+
+_SCENE_OPTIONS = {
+    "num_train": "--scenes-train",
+    "num_val": "--scenes-val",
+    "height": "--height",
+    "width": "--width",
+    "seed": "--seed",
+    "num_classes": "--num-classes",
+}
+
+
+def _check_scenes_root(root: Path, params: dict[str, int]) -> None:
+    """``--root`` must be a generated-scenes folder, or new, or empty. A folder that only
+    holds generated scenes further down (e.g. ``outputs/cache``, where runs keep them in
+    ``scenes/scenes-<key>``) is refused with their names; none is picked silently."""
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"--root {root}: exists and is not a folder")
+    if not root.exists() or read_scene_params(root) is not None or not any(root.iterdir()):
+        return
+    found = find_scene_sets(root)
+    if not found:
+        raise DatasetError(
+            f"--root {root}: exists and is not a generated-scenes folder (nor holds one); "
+            "pass a new or empty folder, or one generated before"
+        )
+    same = [f for f in found if is_generated(f, **params)]
+
+    def listed(folders: list[Path], with_options: bool) -> str:
+        shown = [
+            f"{f} ({_scene_options(read_scene_params(f) or {})})" if with_options else str(f)
+            for f in folders[:4]
+        ]
+        more = f" and {len(folders) - 4} more" if len(folders) > 4 else ""
+        return ", ".join(shown) + more
+
+    where = f"--root {root}: not a generated-scenes folder; it holds"
+    others = len(found) - len(same)
+    if len(same) == 1:
+        besides = f" (and {others} made with other options)" if others else ""
+        hint = f"{same[0]}, made with these options{besides}; pass that as --root"
+    elif same:
+        hint = (
+            f"{len(same)} generated-scenes folders made with these options: "
+            f"{listed(same, False)}; pass one of them as --root"
+        )
+    elif len(found) == 1:
+        hint = (
+            f"{listed(found, True)}, made with other options; pass that as --root "
+            "with those options"
+        )
+    else:
+        hint = (
+            f"{len(found)} generated-scenes folders, none made with these options: "
+            f"{listed(found, True)}; pass one of them as --root with its options"
+        )
+    raise DatasetError(f"{where} {hint}")
+
+
+def _scene_options(params: dict[str, object]) -> str:
+    """The prepare_data options that generate scenes with ``params``."""
+    return " ".join(f"{flag} {params[k]}" for k, flag in _SCENE_OPTIONS.items() if k in params)
 
 
 def _reader_sources(args: argparse.Namespace) -> dict[str, SplitSource]:

@@ -26,6 +26,7 @@ from mtsam.data import (
     write_shards,
 )
 from mtsam.data import shards as shards_mod
+from mtsam.data.scenes import ensure_scenes
 from mtsam.data.shards import dataset_fingerprint, decode_row
 
 REPO = Path(__file__).resolve().parents[1]
@@ -398,6 +399,51 @@ def test_prepare_data_cli_scenes(tmp_path):
         r = _run_cli(*no_root, *extra)
         assert r.returncode == 2 and r.stderr.strip().startswith(expect), r.stderr
         assert "generating scenes" not in r.stdout
+
+
+def test_prepare_data_cli_scenes_root_that_holds_generated_scenes(tmp_path):
+    """``--root outputs/cache`` (where runs keep scenes in ``scenes/scenes-<key>``) is refused
+    in one line naming the generated folders below it, none picked silently; a generated folder
+    made with the same options is reused, and the job says so."""
+    small = {"num_val": 1, "height": 16, "width": 24}
+    opts = ["--scenes-val", "1", "--height", "16", "--width", "24"]
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    three = ensure_scenes(cache / "scenes", num_train=3, **small)
+    cli = ["--dataset", "scenes", "--root", str(cache), "--out", str(out), *opts]
+
+    def refused(*extra: str) -> str:
+        r = _run_cli(*cli, *extra)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr
+        assert "generating" not in r.stdout and not out.exists()
+        return lines[0]
+
+    where = f"error: --root {cache}: not a generated-scenes folder; it holds"
+    assert refused("--scenes-train", "3") == (
+        f"{where} {three}, made with these options; pass that as --root"
+    )
+    four = ensure_scenes(cache / "scenes", num_train=4, **small)
+    assert refused("--scenes-train", "3") == (
+        f"{where} {three}, made with these options (and 1 made with other options); "
+        "pass that as --root"
+    )
+    err = refused("--scenes-train", "5")  # several, none made with these options: all named
+    assert err.startswith(f"{where} 2 generated-scenes folders, none made with these options: ")
+    assert f"{three} (--scenes-train 3 --scenes-val 1 --height 16 --width 24 --seed 0" in err
+    assert f"{four} (--scenes-train 4 --scenes-val 1" in err
+    assert err.endswith("; pass one of them as --root with its options")
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = _run_cli(*cli[:3], str(afile), *cli[4:], "--scenes-train", "3")
+    assert r.returncode == 2 and r.stderr == f"error: --root {afile}: exists and is not a folder\n"
+
+    before = sorted(p.relative_to(three) for p in three.rglob("*"))
+    ok = _run_cli(*cli[:3], str(three), *cli[4:], "--scenes-train", "3")
+    assert ok.returncode == 0, ok.stderr
+    assert f"reusing scenes in {three}" in ok.stdout and "generating" not in ok.stdout
+    assert sorted(p.relative_to(three) for p in three.rglob("*")) == before
+    assert_same_samples(NYUv2(three, "train", num_classes=6), ShardDataset(out, "train"))
 
 
 def test_splits_with_different_class_counts_are_refused(tmp_path):

@@ -222,6 +222,40 @@ def read_scene_info(root: str | Path) -> SceneSet:
     return _scene_set(root)
 
 
+def read_scene_params(root: str | Path) -> dict[str, Any] | None:
+    """The parameters a complete generated-scenes folder was made with, or None."""
+    return _read_marker(Path(root))
+
+
+def is_generated(root: str | Path, **params: Any) -> bool:
+    """Whether ``root`` is a complete generated-scenes folder made with ``params`` (the
+    keyword arguments of :func:`generate_scenes`), i.e. generating there is a no-op."""
+    return _read_marker(Path(root)) == _params(**params)
+
+
+def find_scene_sets(root: str | Path, *, depth: int = 3) -> list[Path]:
+    """Complete generated-scenes folders below ``root`` (not ``root`` itself), at most
+    ``depth`` levels down, sorted; hidden folders (temporary or old copies) are skipped."""
+    found: list[Path] = []
+    level = [Path(root)]
+    for _ in range(depth):
+        below = []
+        for folder in level:
+            try:
+                children = sorted(folder.iterdir())
+            except OSError:
+                continue
+            for child in children:
+                if child.name.startswith(".") or not child.is_dir():
+                    continue
+                if _read_marker(child) is not None:
+                    found.append(child)
+                else:
+                    below.append(child)
+        level = below
+    return sorted(found)
+
+
 def _write_split(folder: Path, split: str, count: int, params: dict[str, Any]) -> None:
     for name in ("image", "label", "depth", "normal"):
         (folder / split / name).mkdir(parents=True)
