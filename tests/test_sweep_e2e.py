@@ -230,8 +230,11 @@ def test_budget_rejects_before_training(tmp_path, no_stray_ray):
     table = r.stdout.split("optimising")[1]  # our summary, not Tune's progress tables
     rows = [line for line in table.splitlines() if "REJECTED" in line or "TERMINATED" in line]
     assert sum("REJECTED" in x for x in rows) == 1 and sum("TERMINATED" in x for x in rows) == 3
-    # the rejected trial never started a Train run: only 3 train-* folders exist
-    assert len(list((out / "ray_results").glob("train-*"))) == 3
+    # the rejected trial never started a Train run: only 3 train-* folders exist, each inside
+    # the sweep's folder with its checkpoints (none beside it)
+    trials = list((out / "ray_results" / "budget").glob("train-*"))
+    assert len(trials) == 3 and all(list(t.glob("checkpoint_*")) for t in trials), trials
+    assert not list((out / "ray_results").glob("train-*"))
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, no_stray_ray):

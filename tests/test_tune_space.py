@@ -414,3 +414,37 @@ def test_a_sweep_checks_the_largest_batch_its_space_can_sample(tmp_path):
     ):
         runner.prepare_data(accum, sweep=True)
     runner.prepare_data(accum)  # a plain run ignores the space: 2 x 1 x 1
+
+
+@pytest.mark.parametrize("storage", ["local", "s3://bucket/results"])
+def test_a_trials_run_folder_and_spool_are_inside_the_sweeps_folder(tmp_path, storage):
+    """One folder holds a whole sweep: each trial's Ray Train run is ``<sweep>/train-<id>``,
+    and its MLflow spool sits in that run folder (for URI storage, in the node-local spool
+    folder of the sweep), so ``sync_mlflow.py --spool <sweep folder>`` finds every trial's."""
+    from mtsam.tracking.observer import spool_dir_of
+    from mtsam.tracking.spool import Spool, find_spools
+    from mtsam.tune.driver import SweepContext, trial_run_folder, trial_tracking
+
+    storage = str(tmp_path / "ray_results") if storage == "local" else storage
+    spool_root = str(tmp_path / "ray_results") if "://" not in storage else str(tmp_path / "sp")
+    ctx = SweepContext(
+        base_config={},
+        storage=storage,
+        sweep_name="sweep-1",
+        metric="val/delta_m",
+        mode="max",
+        tracking={"uri": "http://127.0.0.1:1", "spool_root": spool_root},
+    )
+    run_storage, name = trial_run_folder(ctx, "e1d52_00003")
+    assert (run_storage, name) == (f"{storage.rstrip('/')}/sweep-1", "train-e1d52_00003")
+    info = trial_tracking(ctx, "e1d52_00003")
+    assert info["run_name"] == "e1d52_00003" and info["uri"] == "http://127.0.0.1:1"
+    spool = spool_dir_of(info)
+    sweep_spools = Path(spool_root) / "sweep-1"
+    assert spool == sweep_spools / "train-e1d52_00003" / "mlflow_spool"
+    if "://" not in storage:
+        assert spool.parent == Path(run_storage) / name  # in the trial's own Ray Train folder
+    Spool(spool).append({"run_name": "e1d52_00003"}, [])
+    assert [s.path for s in find_spools(sweep_spools)] == [Spool(spool).path]
+    assert trial_tracking(SweepContext({}, storage, "sweep-1", "m", "max"), "x") is None
+

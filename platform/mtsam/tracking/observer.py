@@ -21,6 +21,11 @@ from mtsam.config import ExperimentConfig
 log = logging.getLogger("mtsam.tracking")
 
 
+def spool_dir_of(info: Mapping[str, Any]) -> Path:
+    """Where a run's undelivered records wait: ``<spool root>/<run folder>/mlflow_spool``."""
+    return Path(info["spool_root"]) / str(info["run_folder"]) / "mlflow_spool"
+
+
 def _guarded(fn):
     """Tracking must never stop training: a hook that fails logs one warning and returns."""
 
@@ -51,7 +56,7 @@ class TrackingObserver:
             "run_name": run_name,
             "parent_run_id": info.get("parent_run_id"),  # a sweep's run (None for train.py)
         }
-        spool = Path(info["spool_root"]) / str(info["run_folder"]) / "mlflow_spool"
+        spool = spool_dir_of(info)
         self.tracker = RunTracker(
             info["uri"],
             info["experiment"],

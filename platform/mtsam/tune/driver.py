@@ -2,7 +2,8 @@
 
 Train V2 shape (see RAY_MLFLOW_NOTES.md): the Tune trainable is :func:`trial_driver`, wrapped
 with a tiny CPU share; the Train run it starts is named after the trial id (re-runs resume from
-its snapshot) and reports to Tune through ``TuneReportCallback``. A sampled config whose
+its snapshot), lives inside the sweep's folder (``<sweep>/train-<trial id>/``, with its
+checkpoints, adapters and MLflow spool) and reports to Tune through ``TuneReportCallback``. A sampled config whose
 trainable-parameter count exceeds ``tune.max_trainable_params`` is rejected before it builds a
 trainer: it reports ``rejected = 1`` and the worst possible value of the metric.
 """
@@ -58,6 +59,7 @@ class SweepContext:
 
     base_config: dict[str, Any]
     storage: str
+    sweep_name: str
     metric: str
     mode: str
     base_ref: Any = None
@@ -85,22 +87,38 @@ def trial_driver(sample: dict[str, Any], ctx: SweepContext) -> None:
             {ctx.metric: worst(ctx.mode), REJECTED: 1, "trainable_params": n_params, "epoch": 0}
         )
         return
-    tracking = None
-    if ctx.tracking is not None:
-        # the trial's Ray Train folder is train-<trial id>: its spool goes there
-        tracking = dict(ctx.tracking, run_name=trial_id, run_folder=f"train-{trial_id}")
+    storage, name = trial_run_folder(ctx, trial_id)
     trainer = make_trainer(
         cfg,
-        name=f"train-{trial_id}",
-        storage=ctx.storage,
+        name=name,
+        storage=storage,
         base=(ctx.base_ref, ctx.base_fingerprint) if ctx.base_ref is not None else None,
-        tracking=tracking,
+        tracking=trial_tracking(ctx, trial_id),
         callbacks=[TuneReportCallback()],
         metric=ctx.metric,
     )
     error = outcome_of(trainer.fit()).error
     if error:
         raise RuntimeError(f"trial {trial_id}: {error}")
+
+
+def trial_run_folder(ctx: SweepContext, trial_id: str) -> tuple[str, str]:
+    """(storage path, name) of a trial's Ray Train run: ``train-<trial id>`` inside the sweep's
+    own folder, so that one folder holds the whole sweep (``jobs/sync_mlflow.py --spool
+    <sweep>`` finds every trial's spool there)."""
+    if "://" in ctx.storage:
+        return f"{ctx.storage.rstrip('/')}/{ctx.sweep_name}", f"train-{trial_id}"
+    return str(Path(ctx.storage) / ctx.sweep_name), f"train-{trial_id}"
+
+
+def trial_tracking(ctx: SweepContext, trial_id: str) -> dict[str, Any] | None:
+    """The trial's tracking info: a child run named by the trial id, whose spool is in the
+    trial's Ray Train folder (for URI storage, its node-local counterpart under the spool
+    root), so that the sweep's folder holds every trial's spool."""
+    if ctx.tracking is None:
+        return None
+    _, name = trial_run_folder(ctx, trial_id)
+    return dict(ctx.tracking, run_name=trial_id, run_folder=f"{ctx.sweep_name}/{name}")
 
 
 @dataclass

@@ -86,6 +86,7 @@ def run(
     ctx = SweepContext(
         base_config=cfg.to_dict(),
         storage=storage,
+        sweep_name=name,
         metric=plan.metric,
         mode=plan.mode,
         base_ref=base[0] if base else None,
