@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except sweep.SweepError as e:
         return fail(e, code=1)
     print(report.text)
+    if report.interrupted:
+        return 130  # the shell's code for a job stopped by Ctrl-C (SIGINT)
     return 0 if report.best is not None else 1
 
 

@@ -282,3 +282,61 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, n
     for t, text in finished_before.items():  # finished trials were not run again
         assert (exp / t / "result.json").read_text() == text
     assert "* best trial" in r.stdout
+
+
+def test_ctrl_c_stops_a_sweep_without_a_final_result(tmp_path, no_stray_ray):
+    """Ctrl-C (SIGINT to the job's process group) once a trial has finished: Tune ends the
+    sweep gracefully; the job says it was interrupted and how to resume, exits 130, ends the
+    MLflow sweep run KILLED and registers nothing (only a finished sweep picks a best)."""
+    from mlflow import MlflowClient
+
+    out = tmp_path / "out"
+    name = "stopped"
+    args = [
+        "--name",
+        name,
+        *sets(
+            *SMALL,
+            "tracking.enabled=true",
+            "tracking.register_as=stopped-best",
+            f"output_dir={out}",
+            "train.epochs=1",
+            "tune.num_samples=3",
+            "tune.max_concurrent_trials=1",
+        ),
+    ]
+    exp = out / "ray_results" / name
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs/tune.py"), *args],
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            states = list(exp.glob("experiment_state*"))
+            if any("TERMINATED" in p.read_text() for p in states):
+                break
+            time.sleep(1)
+        assert proc.poll() is None, "the sweep ended before a trial finished"
+        os.killpg(proc.pid, signal.SIGINT)
+        log, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    assert proc.returncode == 130, log[-3000:]
+    assert "interrupted (Ctrl-C):" in log and f"jobs/tune.py --resume {exp}" in log, log[-3000:]
+    assert "not registered: the sweep was interrupted" in log, log[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (sweep_run,) = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("default").experiment_id])
+        if "mlflow.parentRunId" not in r.data.tags
+    ]
+    assert sweep_run.info.status == "KILLED"
+    assert not client.search_registered_models()

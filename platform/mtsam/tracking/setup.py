@@ -111,8 +111,13 @@ def finish_sweep_tracking(
     best: Any,
     metric: str,
     out_dir: str,
+    interrupted: bool = False,
 ) -> str:
-    """Best metrics, the trials table and plot on the parent run; register the best adapter."""
+    """Best metrics, the trials table and plot on the parent run; register the best adapter.
+
+    An ``interrupted`` sweep (Ctrl-C; it can be resumed) still logs what it has, but its run
+    ends KILLED, as do its unfinished trials' runs, and nothing is registered: a resume that
+    finishes the sweep does that."""
     from mtsam.tracking.client import find_run, one_line
     from mtsam.tracking.registry import register_adapter
     from mtsam.tracking.sweep import end_open_trials, finish_sweep
@@ -138,7 +143,7 @@ def finish_sweep_tracking(
         best_metrics=best_metrics,
         summary_rows=summary,
         out_dir=out_dir,
-        status="FINISHED" if best is not None else "FAILED",
+        status="KILLED" if interrupted else "FINISHED" if best is not None else "FAILED",
         request_timeout_s=cfg.tracking.request_timeout_s,
     )
     lines = [
@@ -165,7 +170,9 @@ def finish_sweep_tracking(
             lines.append(f"  ended the MLflow runs of {len(ended)} stopped trials: {ended}")
     except Exception as e:  # the sweep's results stand; only the bookkeeping is late
         lines.append(f"  could not end the runs of stopped trials: {one_line(e)}")
-    if best is not None and cfg.tracking.register_as:
+    if interrupted and cfg.tracking.register_as:
+        lines.append("  not registered: the sweep was interrupted (a resume registers its best)")
+    elif best is not None and cfg.tracking.register_as:
         try:
             with http_limits(timeout):
                 run_id = find_run(

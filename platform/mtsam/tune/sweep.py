@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,7 @@ class SweepReport:
     path: str
     text: str
     tracking: dict[str, Any] | None
+    interrupted: bool = False  # stopped by Ctrl-C: resumable, not a final result
 
 
 def run(
@@ -131,10 +136,17 @@ def run(
         # --resume; a failure before here leaves no folder behind.
         if exp_path is not None:
             runner.save_run_config(exp_path, cfg)
-    results = tuner.fit()
+    with _ctrl_c_watch() as ctrl_c:
+        results = tuner.fit()
     rows = summarise(results, metric=plan.metric, mode=plan.mode)
     best = best_row(rows, metric=plan.metric, mode=plan.mode)
     text = render(rows, best, plan=plan, path=str(results.experiment_path))
+    interrupted = ctrl_c.seen
+    if interrupted:
+        text += (
+            "\ninterrupted (Ctrl-C): unfinished or unstarted trials remain, so this is no final "
+            f"result; continue with: jobs/tune.py --resume {results.experiment_path}"
+        )
     if tracking is not None:
         from mtsam.tracking.setup import finish_sweep_tracking, spool_root
 
@@ -147,10 +159,43 @@ def run(
             best=best,
             metric=plan.metric,
             out_dir=str(local),
+            interrupted=interrupted,
         )
-    if best is None:
+    if best is None and not interrupted:
         raise SweepError(f"no trial finished with a finite {plan.metric}:\n{text}")
-    return SweepReport(rows, best, str(results.experiment_path), text, tracking)
+    return SweepReport(rows, best, str(results.experiment_path), text, tracking, interrupted)
+
+
+class _CtrlC:
+    seen = False
+
+
+@contextlib.contextmanager
+def _ctrl_c_watch():
+    """Tell whether Ray Tune stopped ``fit()`` on a Ctrl-C (SIGINT).
+
+    Tune installs its own SIGINT handler for the run; the first Ctrl-C makes it stop the sweep
+    gracefully (state saved, running trials marked TERMINATED like finished ones) and put back
+    the handler it found. So a sentinel installed before ``fit()`` that is installed again
+    afterwards means Tune saw a Ctrl-C. The sentinel itself only runs when Tune does not handle
+    SIGINT (``TUNE_DISABLE_SIGINT_HANDLER``), where it acts as Python's default.
+    """
+    watch = _CtrlC()
+
+    def sentinel(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread() or int(
+        os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")
+    ):
+        yield watch  # no handler of Tune's to watch
+        return
+    previous = signal.signal(signal.SIGINT, sentinel)
+    try:
+        yield watch
+    finally:
+        watch.seen = signal.getsignal(signal.SIGINT) is sentinel
+        signal.signal(signal.SIGINT, previous)
 
 
 def render(rows: list[TrialRow], best: TrialRow | None, *, plan: Plan, path: str) -> str:
