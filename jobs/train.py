@@ -51,7 +51,22 @@ def main(argv: list[str] | None = None) -> int:
         runner.save_run_config(Path(storage) / name, cfg)
     t0 = time.time()
     metric = "val/delta_m" if cfg.data.baseline else None
-    out = runner.outcome_of(trainer.fit(), metric=metric, mode="max")
+    from ray.train import TrainingFailedError
+
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:  # a worker raised (after scaling.max_failures restarts)
+        message = runner.failure_line(e)
+        if tracking is not None:
+            from mtsam.tracking.setup import end_failed_run
+
+            print(end_failed_run(tracking, message))
+        run = Path(storage) / name if "://" not in storage else f"{storage}/{name}"
+        print(
+            f"error: {message} (run {run}; after a fix, continue it with --resume)", file=sys.stderr
+        )
+        return 1
+    out = runner.outcome_of(result, metric=metric, mode="max")
     if out.error:
         print(f"error: {out.error}; last good checkpoint: {out.checkpoint}", file=sys.stderr)
         return 1

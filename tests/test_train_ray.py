@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -254,3 +255,36 @@ def test_cli_nan_stops_without_retry_then_resume_finishes_the_run(
     tensors = load_train_state(kept[EPOCHS])["trainable"]
     for k, v in ref_tensors.items():
         torch.testing.assert_close(tensors[k], v, rtol=1e-6, atol=1e-9, msg=k)
+
+
+def test_cli_worker_error_is_one_line_and_ends_the_mlflow_run_failed(ray_address, tmp_path):
+    """A sample that only the workers read is bad (NaN depth; the launch checks open the
+    splits but do not read every sample): jobs/train.py exits 1 with one line naming the file,
+    not Ray's traceback report, and the run's MLflow run ends FAILED instead of RUNNING."""
+    from mlflow import MlflowClient
+
+    from mtsam.train.loop import data_root
+
+    sets = [
+        o.replace("scaling.max_failures=1", "scaling.max_failures=0")
+        for o in overrides(tmp_path, tmp_path / "scenes")
+        if o != "tracking.enabled=false"
+    ]
+    root = data_root(load_config(REPO / "configs" / "default.yaml", sets))  # generates them
+    bad = root / "train" / "depth" / "3.npy"
+    depth = np.load(bad)
+    depth[0, 0] = np.nan
+    np.save(bad, depth)
+    args = [a for o in [*sets, "tracking.enabled=true"] for a in ("--set", o)]
+    proc = _train_cli(
+        ["--config", "configs/default.yaml", *args, "--name", "bad"], address=ray_address
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert f"DatasetError: {bad}: depth contains NaN" in errors[0]
+    assert "--resume" in errors[0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("default").experiment_id])
+    assert run.info.run_name == "bad" and run.info.status == "FAILED"
+    assert "depth contains NaN" in run.data.tags["mtsam.error"]

@@ -103,6 +103,31 @@ def start_sweep_tracking(
     return info
 
 
+def end_failed_run(info: dict[str, Any], message: str) -> str:
+    """End a ``jobs/train.py`` run's MLflow run as FAILED, with ``message`` in the tag
+    ``mtsam.error``, after its workers died (their tracker never ended it). Best effort: returns
+    one line saying what was done. A later ``--resume`` reopens the same run."""
+    from mtsam.tracking.client import find_run_in, make_client, one_line
+    from mtsam.tracking.uri import http_limits
+
+    try:
+        with http_limits(float(info.get("request_timeout_s", 10.0))):
+            client = make_client(info["uri"])
+            exp = client.get_experiment_by_name(info["experiment"])
+            run_id = exp and find_run_in(
+                client, exp.experiment_id, run_name=info["run_name"], top_level=True
+            )
+            if not run_id:
+                return f"MLflow: no run named {info['run_name']!r} to end"
+            if client.get_run(run_id).info.status != "RUNNING":
+                return f"MLflow: run {run_id} already ended"
+            client.set_tag(run_id, "mtsam.error", message[:500])
+            client.set_terminated(run_id, "FAILED")
+        return f"MLflow: run {run_id} ended as FAILED"
+    except Exception as e:  # the error itself is what the user must see
+        return f"MLflow: could not end the run: {one_line(e)}"
+
+
 def finish_sweep_tracking(
     cfg: ExperimentConfig,
     info: dict[str, Any],

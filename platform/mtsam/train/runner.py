@@ -278,6 +278,15 @@ def outcome_of(result: Any, *, metric: str | None = None, mode: str = "max") -> 
     return TrainOutcome(metrics=metrics, path=str(result.path), checkpoint=ckpt, error=error)
 
 
+def failure_line(error: BaseException) -> str:
+    """One line for a failed ``fit()`` (``ray.train.TrainingFailedError``): the first failing
+    worker's own error, e.g. ``DatasetError: <file>: not found``, instead of Ray's report."""
+    failures = getattr(error, "worker_failures", None) or {}
+    cause = failures[min(failures)] if failures else getattr(error, "controller_failure", error)
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+
+
 RUN_CONFIG_FILE = "mtsam_config.yaml"
 
 
