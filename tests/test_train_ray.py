@@ -205,11 +205,13 @@ def test_killed_worker_restarts_from_its_checkpoint(ray_address, reference, tmp_
         torch.testing.assert_close(tensors[k], v, rtol=1e-6, atol=1e-9, msg=k)
 
 
-def _train_cli(args: list[str], *, address: str, env_extra: dict[str, str] | None = None):
+def _train_cli(
+    args: list[str], *, address: str, cwd: Path = REPO, env_extra: dict[str, str] | None = None
+):
     env = dict(os.environ, RAY_ADDRESS=address, PYTHONPATH="", **(env_extra or {}))
     return subprocess.run(
-        [sys.executable, "jobs/train.py", *args],
-        cwd=REPO,
+        [sys.executable, str(REPO / "jobs" / "train.py"), *args],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -223,13 +225,26 @@ def test_cli_nan_stops_without_retry_then_resume_finishes_the_run(
     """jobs/train.py with a NaN injected in epoch 2: exit 1, stderr names task and step, the
     epoch-1 checkpoint is kept, and the deterministic NaN is not retried (no resume logged)
     although max_failures=1. Then `jobs/train.py --resume <run>` (saved config, no fault)
-    continues from that checkpoint and ends exactly where the uninterrupted run ended."""
+    continues from that checkpoint and ends exactly where the uninterrupted run ended.
+
+    Both commands run in a folder of their own with ``data.root`` relative to it: the workers
+    (which Ray Train runs in the run's folder) must read the same scenes, not generate a copy
+    inside Ray's session folder."""
     _, ref_tensors = reference
     bad_step = STEPS_PER_EPOCH + 3
-    sets = [a for o in overrides(tmp_path, scenes) for a in ("--set", o)]
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    relative_root = os.path.relpath(scenes, launch)
+    sets = [
+        a
+        for o in overrides(tmp_path, scenes)
+        for a in ("--set", o.replace(str(scenes), relative_root))
+    ]
+    assert f"data.root={relative_root}" in sets
     proc = _train_cli(
-        ["--config", "configs/default.yaml", *sets, "--name", "nan"],
+        ["--config", str(REPO / "configs" / "default.yaml"), *sets, "--name", "nan"],
         address=ray_address,
+        cwd=launch,
         env_extra={"MTSAM_FAULT_NAN_STEP": f"{bad_step}:depth"},
     )
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -243,8 +258,10 @@ def test_cli_nan_stops_without_retry_then_resume_finishes_the_run(
     time.sleep(1.0)  # let the log monitor flush the worker's last lines
     assert f"resumed from {run_dir}" not in worker_log_text()
 
-    proc = _train_cli(["--resume", str(run_dir)], address=ray_address)
+    proc = _train_cli(["--resume", str(run_dir)], address=ray_address, cwd=launch)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    roots = re.findall(r"data: (\S+) \(", worker_log_text())
+    assert roots and all(Path(r).is_absolute() for r in roots), roots  # not the worker's copy
     assert "val/semantic/miou" in proc.stdout
     kept = checkpoints_by_epoch(run_dir)
     assert max(kept) == EPOCHS

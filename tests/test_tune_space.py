@@ -448,3 +448,28 @@ def test_a_trials_run_folder_and_spool_are_inside_the_sweeps_folder(tmp_path, st
     assert [s.path for s in find_spools(sweep_spools)] == [Spool(spool).path]
     assert trial_tracking(SweepContext({}, storage, "sweep-1", "m", "max"), "x") is None
 
+
+def test_launch_makes_relative_local_paths_absolute(tmp_path, monkeypatch):
+    """Ray Train runs workers in their run's folder, so the job resolves relative paths against
+    the folder it was launched from before any worker sees the config; URIs stay as given."""
+    from mtsam.train.runner import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config(
+        {},
+        [
+            "output_dir=out",
+            "data.root=data/scenes",
+            "model.checkpoint=~/ckpt/sam.pth",
+            "scaling.storage_path=s3://bucket/results",
+        ],
+    )
+    got = with_absolute_paths(cfg)
+    assert got.output_dir == str(tmp_path / "out")
+    assert got.data.root == str(tmp_path / "data" / "scenes")
+    assert got.model.checkpoint == str(Path("~/ckpt/sam.pth").expanduser())
+    assert got.scaling.storage_path == "s3://bucket/results"
+    for key in ("train", "adapter", "tune", "tracking"):
+        assert getattr(got, key) == getattr(cfg, key)
+    absolute = build_config({}, [f"output_dir={tmp_path}"])
+    assert with_absolute_paths(absolute) is absolute  # nothing to change

@@ -78,10 +78,10 @@ def run_config_and_place(
                 else f"--resume {path}: not a sweep folder (no tuner.pkl); continue a run of "
                 "jobs/train.py with jobs/train.py --resume"
             )
-        cfg = load_cli_config(cfg_path, args.set)
+        cfg = runner.with_absolute_paths(load_cli_config(cfg_path, args.set))
         runner.check_scaling(cfg)
         return cfg, path.name, str(path.parent)
-    cfg = load_cli_config(args.config or args.default_config, args.set)
+    cfg = runner.with_absolute_paths(load_cli_config(args.config or args.default_config, args.set))
     runner.check_scaling(cfg)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():

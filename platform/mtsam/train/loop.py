@@ -196,6 +196,8 @@ def fit(
         world_size=ctx.world_size,
         workers=cfg.data.loader_workers,
     )
+    if ctx.is_main:
+        log(f"data: {root} ({len(train_ds)} train, {len(val_ds)} val samples)")
     micro_per_epoch = len(loader)
     steps_per_epoch = micro_per_epoch // t_cfg.grad_accum
     if t_cfg.max_steps_per_epoch:

@@ -39,6 +39,31 @@ def check_scaling(cfg: ExperimentConfig) -> None:
         )
 
 
+LOCAL_PATH_FIELDS = ("output_dir", "data.root", "model.checkpoint", "scaling.storage_path")
+
+
+def with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with its relative local paths (and ``~``) made absolute against the launch folder.
+
+    Ray Train runs every worker in its run's own folder, not where the job was launched: a
+    relative ``data.root`` there names another folder (a dataset not found after the checks
+    passed), and a relative ``output_dir`` made every trial generate the scenes again inside
+    Ray's session folder. URIs (``s3://...``) are left alone.
+    """
+    from mtsam.config import set_path
+
+    d = cfg.to_dict()
+    changed = False
+    for key in LOCAL_PATH_FIELDS:
+        section, _, leaf = key.rpartition(".")
+        value = (d[section] if section else d).get(leaf)
+        if not value or "://" in value or Path(value).is_absolute():
+            continue
+        d = set_path(d, key, str(Path(value).expanduser().resolve()))
+        changed = True
+    return ExperimentConfig.model_validate(d) if changed else cfg
+
+
 def resources_needed(cfg: ExperimentConfig, *, sweep: bool = False) -> dict[str, float]:
     """CPUs and GPUs one run (or one sweep trial, with its driver) reserves at once."""
     sc = cfg.scaling
