@@ -250,7 +250,10 @@ def test_sqlite_tracker_params_tags_metrics_images(sqlite_uri, tmp_path):
     tr2.log_params({"lr": 0.5})
     tr2.log_metrics(_metrics(4), step=4)
     assert tr2.finish().complete and tr2.run_id == tr.run_id
-    assert _client(uri).get_run(tr.run_id).data.params["lr"] == "0.001"
+    again = _client(uri).get_run(tr.run_id).data
+    assert again.params["lr"] == "0.001"  # MLflow params cannot change: the new value is a tag
+    assert again.tags["mtsam.changed_param.lr"] == "0.5"
+    assert not [k for k in again.tags if k.startswith("mtsam.changed_param.model")]
     assert len(_client(uri).search_runs([run.info.experiment_id])) == 1
     assert sorted(_history(uri, tr.run_id, "train/loss/depth")) == [0, 1, 2, 3, 4]
 

@@ -37,6 +37,8 @@ from mtsam.tracking.uri import http_limits
 
 log = logging.getLogger("mtsam.tracking")
 
+CHANGED_PARAM_TAG = "mtsam.changed_param."  # + param key: a value changed after the first log
+
 
 @dataclass(frozen=True)
 class DeliveryReport:
@@ -359,11 +361,19 @@ class Deliverer:
         if kind == "params":
             conflicts = log_params_once(c, run_id, head["params"])
             if conflicts:
+                # MLflow params cannot change (e.g. train.epochs raised on --resume): the new
+                # values go into tags, which the run page shows next to the params.
+                set_tags(
+                    c,
+                    run_id,
+                    {f"{CHANGED_PARAM_TAG}{k}": str(head["params"][k]) for k in conflicts},
+                )
                 log.warning(
                     "MLflow run %s already has different values for params %s: kept the old ones "
-                    "(MLflow params cannot change)",
+                    "(MLflow params cannot change) and put the new ones in tags %s<param>",
                     run_id,
                     ", ".join(sorted(conflicts)[:10]),
+                    CHANGED_PARAM_TAG,
                 )
         elif kind == "tags":
             set_tags(c, run_id, head["tags"])
