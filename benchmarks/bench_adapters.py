@@ -176,7 +176,9 @@ def linear_variants() -> dict[str, nn.Module]:
     base = nn.Linear(WIDTH, 3 * WIDTH).requires_grad_(False)
     tora = ToRATucker(base, T, ranks=TORA_RANKS, scaling=0.5, dropout=DROPOUT)
     with torch.no_grad():
-        tora.G.normal_()  # a trained-looking core (the zero init would not change the cost)
+        # a trained-looking core (the zero init would not change the cost), small enough that
+        # the update is the size of the frozen output and the equality check sees both
+        tora.G.normal_(std=1e-3)
     return {
         "(a) frozen linear": base,
         "(b) ToRA factored": tora,

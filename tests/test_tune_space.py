@@ -461,15 +461,30 @@ def test_launch_makes_relative_local_paths_absolute(tmp_path, monkeypatch):
             "output_dir=out",
             "data.root=data/scenes",
             "model.checkpoint=~/ckpt/sam.pth",
-            "scaling.storage_path=s3://bucket/results",
+            "scaling.storage_path=runs",
         ],
     )
     got = with_absolute_paths(cfg)
     assert got.output_dir == str(tmp_path / "out")
     assert got.data.root == str(tmp_path / "data" / "scenes")
     assert got.model.checkpoint == str(Path("~/ckpt/sam.pth").expanduser())
-    assert got.scaling.storage_path == "s3://bucket/results"
+    assert got.scaling.storage_path == str(tmp_path / "runs")
     for key in ("train", "adapter", "tune", "tracking"):
         assert getattr(got, key) == getattr(cfg, key)
     absolute = build_config({}, [f"output_dir={tmp_path}"])
     assert with_absolute_paths(absolute) is absolute  # nothing to change
+
+
+def test_relative_output_dir_stays_relative_with_uri_storage(tmp_path, monkeypatch):
+    """With s3:// storage a relative output_dir keeps the MLflow spools out of the temporary
+    working folder of ``ray job submit`` (spool_root falls back to the home folder)."""
+    from mtsam.tracking.setup import spool_root
+    from mtsam.train.runner import storage_path, with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(
+        build_config({}, ["output_dir=outputs", "scaling.storage_path=s3://b/r", "data.root=d"])
+    )
+    assert cfg.output_dir == "outputs" and cfg.data.root == str(tmp_path / "d")
+    assert cfg.scaling.storage_path == "s3://b/r"
+    assert spool_root(cfg, storage_path(cfg)) == str(Path.home() / "mtsam_mlflow_spools")

@@ -54,7 +54,13 @@ def with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 
     d = cfg.to_dict()
     changed = False
+    storage = cfg.scaling.storage_path or ""
     for key in LOCAL_PATH_FIELDS:
+        if key == "output_dir" and "://" in storage:
+            # with URI storage a relative output_dir must stay relative: the spool root then
+            # falls back to the home folder (tracking.setup.spool_root) instead of the temporary
+            # working folder of ``ray job submit``, which is deleted with the job
+            continue
         section, _, leaf = key.rpartition(".")
         value = (d[section] if section else d).get(leaf)
         if not value or "://" in value or Path(value).is_absolute():
