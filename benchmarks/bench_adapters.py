@@ -105,7 +105,15 @@ def ms(times: dict[object, list[float]], a: object) -> float:
 
 
 # ----------------------------------------------------------------------- 1. one qkv linear
-class AuthorsToRA(nn.Module):
+class _OnToRAFactors(nn.Module):
+    """A reference formulation computed on an existing ToRA adapter's factors."""
+
+    def __init__(self, tora: ToRATucker) -> None:
+        super().__init__()
+        self.tora = tora
+
+
+class AuthorsToRA(_OnToRAFactors):
     """(c): ToRA as the authors' code computes it (MTSAM's ``QKVLinear``, Tucker form), on the
     same factors, every forward:
 
@@ -117,14 +125,10 @@ class AuthorsToRA(nn.Module):
        task's slice; the chunks are concatenated and added to the frozen output in place.
 
     The branch dropout is (b)'s, with its rescale folded into step 1's scaling multiply, so
-    the two differ in formulation only (the authors use ``nn.Dropout``, which is slower here).
+    the two differ in formulation only (the authors use ``nn.Dropout``).
     Read from the code in the repository jelie-05/MTSAM, which holds the authors' run.sh
     (``segment_anything/modeling/tensorlib/layers.py``).
     """
-
-    def __init__(self, tora: ToRATucker) -> None:
-        super().__init__()
-        self.tora = tora
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.tora
@@ -144,15 +148,11 @@ class AuthorsToRA(nn.Module):
         return y
 
 
-class CheapestMaterialisedToRA(nn.Module):
+class CheapestMaterialisedToRA(_OnToRAFactors):
     """(c'): the full update formed on every forward as cheaply as we could write it, for
     comparison with (c): the per-task core slices first (T x R1 x R2, tiny), then two matrix
     products to (T, d_out, d_in), no padding when every row is adapted (as here), and a loop
     over the task chunks."""
-
-    def __init__(self, tora: ToRATucker) -> None:
-        super().__init__()
-        self.tora = tora
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.tora

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,25 +43,29 @@ def sets(*items: str) -> list[str]:
     return [a for item in items for a in ("--set", item)]
 
 
-def tune_cli(args: list[str], *, cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
-    """Run jobs/tune.py; on a time-out kill its whole process group (its local Ray too)."""
-    cmd = [sys.executable, str(REPO / "jobs/tune.py"), *args]
-    proc = subprocess.Popen(
-        cmd,
+def start_tune(args: list[str], *, cwd: Path, **popen: Any) -> subprocess.Popen:
+    """jobs/tune.py in a session of its own (its local Ray too), so a test can signal or kill
+    the whole group."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "jobs/tune.py"), *args],
         cwd=cwd,
         env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        **popen,
     )
+
+
+def tune_cli(args: list[str], *, cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+    """Run jobs/tune.py; on a time-out kill its whole process group (its local Ray too)."""
+    proc = start_tune(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         raise AssertionError(f"jobs/tune.py timed out after {timeout} s:\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def trial_epochs(experiment: Path) -> dict[str, int]:
@@ -253,14 +258,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, n
         ),
     ]
     exp = out / "ray_results" / name
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "jobs/tune.py"), *args],
-        cwd=tmp_path,
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_tune(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -306,15 +304,7 @@ def test_ctrl_c_stops_a_sweep_without_a_final_result(tmp_path, no_stray_ray):
         ),
     ]
     exp = out / "ray_results" / name
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "jobs/tune.py"), *args],
-        cwd=tmp_path,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_tune(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
