@@ -144,7 +144,7 @@ def evaluate_split(cfg, model, tasks, *, split: str, device=None) -> dict[str, f
     from mtsam.train.loop import data_root
 
     root = data_root(cfg)
-    if cfg.data.dataset != "scenes" and not root.exists():
+    if isinstance(root, Path) and cfg.data.dataset != "scenes" and not root.exists():
         raise FileNotFoundError(f"data.root {root}: no such folder")
     ds = open_split(
         cfg.data.dataset,

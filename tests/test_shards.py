@@ -203,16 +203,37 @@ def test_missing_manifest_and_leftover_tmp_are_refused(tmp_path):
         read_ray_dataset(tmp_path / "out", "train")
 
 
-def test_damaged_shard_is_refused(tmp_path):
+def flip_last_data_byte(shard: Path, row_group: int, column: str) -> None:
+    """Flip the last byte of one column chunk: payload of its last data page, CRC-covered."""
+    md = pq.read_metadata(shard)
+    rg = md.row_group(row_group)
+    chunk = next(
+        rg.column(c) for c in range(rg.num_columns) if rg.column(c).path_in_schema == column
+    )
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data = bytearray(shard.read_bytes())
+    data[start + chunk.total_compressed_size - 1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def test_damaged_shard_fails_the_read_that_meets_it(tmp_path):
+    """A flipped byte inside a shard's data is not hashed for at start-up: the page checksum
+    fails the read of that sample, in one line naming the file; ``verify=True`` (sha256 of
+    every byte) refuses the shard up front."""
     write_nyuv2(tmp_path / "src", n=2)
     write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2")
     shard = tmp_path / "out/train/part-00000.parquet"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    flip_last_data_byte(shard, 1, "image")
+    ds = ShardDataset(tmp_path / "out", "train")
+    assert ds[0]["image"].shape == (3, H, W)  # row group 0 is intact
     with pytest.raises(DatasetError) as err:
-        ShardDataset(tmp_path / "out", "train")
-    assert str(shard) in str(err.value) and "sha256" in str(err.value)
+        ds[1]
+    msg = str(err.value)
+    assert msg.startswith(f"{shard}: sample 1 unreadable (") and "\n" not in msg
+    assert msg.endswith("the shard is damaged")
+    with pytest.raises(DatasetError) as err:
+        ShardDataset(tmp_path / "out", "train", verify=True)
+    assert str(err.value) == f"{shard}: sha256 differs from manifest.json; the shard is damaged"
 
 
 def test_interrupted_rewrite_leaves_no_readable_folder_then_recovers(tmp_path, monkeypatch):

@@ -158,8 +158,9 @@ class DataConfig(_Section):
     )
     root: str | None = Field(
         None,
-        description="Dataset folder (raw layout, or Parquet shards when format=shards). For "
-        "scenes: the cache folder (default: <output_dir>/cache/scenes).",
+        description="Dataset folder (raw layout, or Parquet shards when format=shards; shards "
+        "may also be an s3:// or gs:// URI, read in place). For scenes: the cache folder "
+        "(default: <output_dir>/cache/scenes).",
     )
     format: Literal["files", "shards"] = Field(
         "files", description="Read the raw layout ('files') or Parquet shards ('shards')."
@@ -199,6 +200,11 @@ class DataConfig(_Section):
             raise ValueError(f"data.root: dataset {self.dataset!r} needs a local folder path")
         if self.format == "shards" and self.root is None:
             raise ValueError("data.root: data.format = 'shards' needs the shard folder's path")
+        if self.format == "files" and self.root is not None and "://" in self.root:
+            raise ValueError(
+                f"data.root = {self.root!r}: only Parquet shards are read from a URI; "
+                "set data.format = shards (see jobs/prepare_data.py)"
+            )
         if self.baseline:
             from mtsam.tasks.registry import check_baseline  # the task specs import torch
 

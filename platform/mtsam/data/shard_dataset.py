@@ -1,4 +1,4 @@
-"""Local random-access reader of Parquet shards (see :mod:`mtsam.data.shards`)."""
+"""Random-access reader of Parquet shards (see :mod:`mtsam.data.shards`), local or remote."""
 
 from __future__ import annotations
 
@@ -7,20 +7,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from mtsam.data.base import DenseDataset, Sample
 from mtsam.data.errors import DatasetError
 from mtsam.data.registry import READERS
-from mtsam.data.shards import SHAPE_SUFFIX, decode_row, load_manifest
+from mtsam.data.shards import MANIFEST, SHAPE_SUFFIX, decode_row, inspect_split
+from mtsam.data.storage import ShardStore, first_line
 
 
 class ShardDataset(DenseDataset):
-    """A split of a shard folder; returns the same per-sample dicts as the reader it came from.
+    """A split of a shard set; returns the same per-sample dicts as the reader it came from.
 
-    ``tasks=None`` selects every task stored. The manifest and (with ``verify``) the sha256 of
-    the split's shards are checked at construction.
+    ``root`` is a folder or a URI (``s3://bucket/prefix``, ``gs://...``). Each item is read on
+    its own (one Parquet row group per sample), so a data-parallel rank reads only the samples
+    its sampler gives it, from wherever the shards are, with ranged reads: nothing is copied
+    to the node first. ``tasks=None`` selects every task stored.
+
+    At construction the manifest, the shards' sizes and their Parquet footers are checked
+    (:func:`mtsam.data.shards.inspect_split`); ``verify`` adds the sha256 of every shard
+    (reads the whole split). Each page read is checked against its stored CRC32, so damage
+    inside a shard fails the read that meets it, naming the file.
     """
 
     def __init__(
@@ -31,11 +40,12 @@ class ShardDataset(DenseDataset):
         tasks: Sequence[str] | None = None,
         augment: bool = False,
         seed: int = 0,
-        verify: bool = True,
+        verify: bool = False,
     ) -> None:
-        self.root = Path(root)
+        self.store = ShardStore(root)
+        self.root = self.store.root
         self.split = split
-        manifest = load_manifest(self.root, splits=[split], verify=verify)
+        manifest, files = inspect_split(self.store, split, verify=verify)
         self.available_tasks = tuple(manifest["tasks"])
         self.dataset_name = manifest["dataset"]
         classes = manifest.get("num_classes")  # None in shard sets written before it was kept
@@ -43,16 +53,24 @@ class ShardDataset(DenseDataset):
         reader = READERS.get(self.dataset_name)
         self.inverse_depth = reader is not None and reader.inverse_depth
         chosen = self.available_tasks if tasks is None else tasks
-        super().__init__(tasks=chosen, augment=augment, seed=seed, source=str(self.root / split))
+        super().__init__(tasks=chosen, augment=augment, seed=seed, source=self.store.name(split))
         self.columns = {k: manifest["columns"][k] for k in ("image", *self.tasks)}
         entry = manifest["splits"][split]
-        self._files = [self.root / s["file"] for s in entry["shards"]]
+        self._files = files
         self._starts = [0]
         for shard in entry["shards"]:
             self._starts.append(self._starts[-1] + int(shard["num_rows"]))
         if self._starts[-1] != entry["num_samples"]:
-            raise DatasetError(f"{self.root}/manifest.json: row counts of {split!r} do not add up")
-        self._handles: dict[int, tuple[pq.ParquetFile, list[int]]] = {}
+            raise DatasetError(
+                f"{self.store.name(MANIFEST)}: row counts of {split!r} do not add up"
+            )
+        self._group_starts = []
+        for f in files:
+            starts = [0]
+            for g in range(f.metadata.num_row_groups):
+                starts.append(starts[-1] + f.metadata.row_group(g).num_rows)
+            self._group_starts.append(starts)
+        self._handles: dict[int, pq.ParquetFile] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -62,34 +80,43 @@ class ShardDataset(DenseDataset):
     def __len__(self) -> int:
         return self._starts[-1]
 
-    def _handle(self, shard: int) -> tuple[pq.ParquetFile, list[int]]:
+    def _handle(self, shard: int) -> pq.ParquetFile:
         if shard not in self._handles:
-            pf = pq.ParquetFile(self._files[shard])
-            starts = [0]
-            for g in range(pf.metadata.num_row_groups):
-                starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
-            self._handles[shard] = (pf, starts)
+            f = self._files[shard]
+            self._handles[shard] = pq.ParquetFile(
+                self.store.fs.open_input_file(f.info.path),
+                metadata=f.metadata,  # checked at construction: not fetched again
+                pre_buffer=self.store.uri,  # one coalesced ranged read per row group
+                page_checksum_verification=True,
+            )
         return self._handles[shard]
 
     def _load(self, index: int) -> Sample:
         shard = bisect.bisect_right(self._starts, index) - 1
-        pf, starts = self._handle(shard)
+        starts = self._group_starts[shard]
         row_in_shard = index - self._starts[shard]
         group = bisect.bisect_right(starts, row_in_shard) - 1
         names = ["index"] + [n for k in self.columns for n in (k, k + SHAPE_SUFFIX)]
-        table = pf.read_row_group(group, columns=names)
-        row = table.slice(row_in_shard - starts[group], 1).to_pylist()[0]
-        arrays = decode_row(row, self.columns)
+        try:
+            table = self._handle(shard).read_row_group(group, columns=names)
+            row = table.slice(row_in_shard - starts[group], 1).to_pylist()[0]
+            arrays = decode_row(row, self.columns)
+        except (OSError, pa.ArrowException, ValueError) as err:
+            raise DatasetError(
+                f"{self._files[shard].name}: sample {index} unreadable ({first_line(err)}); "
+                "the shard is damaged"
+            ) from None
         arrays.pop("index")
         return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
     def source_files(self) -> list[Path]:
-        return list(self._files)
+        return [Path(f.name) for f in self._files]
 
     def describe(self) -> dict[str, Any]:
+        root = self.store.name() if self.store.uri else str(Path(self.root).resolve())
         return {
             "reader": "ShardDataset",
-            "root": str(self.root.resolve()),
+            "root": root,
             "split": self.split,
             "tasks": list(self.tasks),
             "dataset": self.dataset_name,

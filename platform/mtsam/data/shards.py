@@ -17,8 +17,17 @@ different size per sample (PASCAL-Context at native resolution) and reach Ray Da
 
 Safety: every shard is written to ``*.tmp`` and moved into place with ``os.replace``; the old
 manifest is deleted before the first shard changes and the new one is written last, so an
-interrupted run leaves no manifest and readers refuse the folder. Readers check the files'
-sizes and sha256 against the manifest.
+interrupted run leaves no manifest and readers refuse the folder.
+
+Integrity on reading (:func:`inspect_split`): before the first batch a reader checks every
+shard's size against the manifest and its Parquet footer (row count, columns, the dataset and
+split it was written for) -- a listing and a small ranged read per file, so a worker's start-up
+does not grow with the dataset; every data page read is then checked against the CRC32 stored
+with it. The sha256 of every byte (the manifest keeps one per shard) is checked where that is
+cheap or asked for: ``prepare_data`` re-runs and ``verify=True``.
+
+A shard set may live on an object store (``s3://...``, ``gs://...``): see
+:mod:`mtsam.data.storage`.
 """
 
 from __future__ import annotations
@@ -27,16 +36,19 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
 from mtsam.data.errors import DatasetError
+from mtsam.data.storage import ShardStore, first_line
 
 FORMAT = "mtsam-shards"
 VERSION = 1
@@ -138,7 +150,9 @@ def _write_shard(
     table = pa.Table.from_pylist(rows, schema=schema)
     tmp = path.with_name(path.name + ".tmp")
     # One row per row group: a local reader fetches exactly one sample per random access.
-    pq.write_table(table, tmp, row_group_size=1, compression="zstd")
+    # Page checksums (CRC32) let readers check each page they read as they read it, instead
+    # of hashing whole shards before the first batch.
+    pq.write_table(table, tmp, row_group_size=1, compression="zstd", write_page_checksum=True)
     entry = {"num_rows": len(rows), "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
     os.replace(tmp, path)
     return entry
@@ -255,6 +269,7 @@ def write_shards(
         old is not None
         and old["dataset"] == dataset
         and old["samples_per_shard"] == samples_per_shard
+        and old.get("page_checksums") is True  # older sets are rewritten to gain them
     ):
         for split, source in sources.items():
             entry = old["splits"].get(split)
@@ -300,6 +315,7 @@ def write_shards(
         "columns": columns,
         "num_classes": classes,
         "samples_per_shard": samples_per_shard,
+        "page_checksums": True,
         "splits": {s: splits[s] for s in sources},
     }
     tmp = out / (MANIFEST + ".tmp")
@@ -313,55 +329,171 @@ def write_shards(
     return manifest
 
 
-def load_manifest(
-    root: str | Path, *, splits: Iterable[str] | None = None, verify: bool = True
-) -> dict[str, Any]:
-    """Read and check ``root/manifest.json``; with ``verify`` also the shards' size and sha256.
+@dataclass(frozen=True)
+class ShardFile:
+    """One checked shard: where it is, its listing entry and its Parquet footer."""
 
-    ``splits`` limits the file checks (and requires those splits to exist).
-    """
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
-        raise DatasetError(
-            f"{path}: not found; {root} holds no complete shard set "
-            "(an interrupted or failed prepare_data run leaves none)"
-        )
+    rel: str  # path inside the shard set, e.g. "train/part-00000.parquet"
+    name: str  # path or URI for messages
+    info: pafs.FileInfo
+    metadata: pq.FileMetaData
+
+
+def _expected_fields(columns: Mapping[str, Any]) -> dict[str, pa.DataType]:
+    fields = {"index": pa.int64()}
+    for key in columns:
+        fields[key] = pa.large_binary()
+        fields[key + SHAPE_SUFFIX] = pa.list_(pa.int32())
+    return fields
+
+
+def _read_footer(
+    store: ShardStore, shard: Mapping[str, Any], info: pafs.FileInfo, manifest: Mapping[str, Any]
+) -> pq.FileMetaData:
+    """The shard's Parquet footer, checked against the manifest: row count, columns and their
+    types, and the dataset / split the file says it belongs to."""
+    name = store.name(shard["file"])
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: unreadable manifest ({err})") from None
+        with store.fs.open_input_file(info.path) as fh:
+            md = pq.read_metadata(fh)
+        schema = md.schema.to_arrow_schema()
+    except (OSError, pa.ArrowException) as err:
+        raise DatasetError(f"{name}: not a readable Parquet file ({first_line(err)})") from None
+    if md.num_rows != shard["num_rows"]:
+        raise DatasetError(f"{name}: {md.num_rows} rows, {MANIFEST} says {shard['num_rows']}")
+    for col, want in _expected_fields(manifest["columns"]).items():
+        got = schema.field(col).type if col in schema.names else None
+        if got != want:
+            raise DatasetError(
+                f"{name}: column {col!r} is {got or 'missing'}, {MANIFEST} expects {want}"
+            )
+    try:
+        meta = json.loads((schema.metadata or {})[_META_KEY])
+    except (KeyError, ValueError):
+        raise DatasetError(f"{name}: no {FORMAT} metadata; not a shard of this set") from None
+    split = shard["file"].split("/")[0]
+    if meta.get("dataset") != manifest["dataset"] or meta.get("split") != split:
+        raise DatasetError(
+            f"{name}: a shard of {meta.get('dataset')!r}/{meta.get('split')!r}, "
+            f"{MANIFEST} lists it under {manifest['dataset']!r}/{split!r}"
+        )
+    return md
+
+
+def _sha256(store: ShardStore, info: pafs.FileInfo) -> str:
+    digest = hashlib.sha256()
+    with store.fs.open_input_stream(info.path) as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_manifest_file(store: ShardStore) -> dict[str, Any]:
+    name = store.name(MANIFEST)
+    try:
+        text = store.read_bytes(MANIFEST)
+    except FileNotFoundError:
+        bucket = store.missing_bucket()
+        if bucket is not None:
+            raise DatasetError(f"{bucket}: no such bucket (shard set {store.name()})") from None
+        raise DatasetError(
+            f"{name}: not found; {store.name()} holds no complete shard set "
+            "(an interrupted or failed prepare_data run leaves none)"
+        ) from None
+    except OSError as err:
+        raise DatasetError(f"{name}: unreadable manifest ({first_line(err)})") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError as err:
+        raise DatasetError(f"{name}: unreadable manifest ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DatasetError(f"{path}: not an {FORMAT} manifest")
+        raise DatasetError(f"{name}: not an {FORMAT} manifest")
     if manifest.get("version") != VERSION or manifest.get("complete") is not True:
-        raise DatasetError(f"{path}: expected a complete version-{VERSION} manifest")
-    names = list(manifest["splits"]) if splits is None else list(splits)
-    for split in names:
-        if split not in manifest["splits"]:
-            raise DatasetError(f"{path}: no split {split!r}; has {sorted(manifest['splits'])}")
-        for shard in manifest["splits"][split]["shards"]:
-            file = root / shard["file"]
-            if not file.is_file():
-                raise DatasetError(f"{file}: shard listed in {MANIFEST} is missing")
-            if file.stat().st_size != shard["bytes"]:
-                raise DatasetError(f"{file}: size differs from {MANIFEST}; the folder is damaged")
-            if verify and sha256_file(file) != shard["sha256"]:
-                raise DatasetError(f"{file}: sha256 differs from {MANIFEST}; the folder is damaged")
+        raise DatasetError(f"{name}: expected a complete version-{VERSION} manifest")
     return manifest
 
 
-def shard_files(root: str | Path, split: str, *, verify: bool = True) -> list[Path]:
-    """The shard files of ``split`` in sample order, after checking the manifest."""
-    manifest = load_manifest(root, splits=[split], verify=verify)
-    return [Path(root) / s["file"] for s in manifest["splits"][split]["shards"]]
+def inspect_split(
+    root: str | Path | ShardStore, split: str, *, verify: bool = False
+) -> tuple[dict[str, Any], list[ShardFile]]:
+    """Read the manifest and check ``split``'s shards without reading their data.
+
+    Checked for every shard: that it exists and has the manifest's size (one listing of the
+    split's folder), and its Parquet footer (a ranged read at the end of the file): the
+    manifest's row count, columns and types, and the dataset and split it was written for.
+    A truncated, replaced or foreign shard fails here, in one line naming it. Flipped bytes
+    inside the data are caught when they are read, by the page checksums the writer stores
+    (:class:`mtsam.data.shard_dataset.ShardDataset` verifies them). ``verify`` adds the full
+    check: the sha256 of every byte of every shard, as ``prepare_data`` does (slow: it reads
+    the whole split).
+    """
+    store = root if isinstance(root, ShardStore) else ShardStore(root)
+    manifest = _read_manifest_file(store)
+    if split not in manifest["splits"]:
+        raise DatasetError(
+            f"{store.name(MANIFEST)}: no split {split!r}; has {sorted(manifest['splits'])}"
+        )
+    shards = manifest["splits"][split]["shards"]
+    folders = sorted({s["file"].rpartition("/")[0] for s in shards})
+    try:
+        listed = store.list_files(folders)
+    except OSError as err:
+        raise DatasetError(f"{store.name(folders[0])}: cannot list ({first_line(err)})") from None
+    infos = []
+    for shard in shards:
+        info = listed.get(shard["file"])
+        name = store.name(shard["file"])
+        if info is None:
+            raise DatasetError(f"{name}: shard listed in {MANIFEST} is missing")
+        if info.size != shard["bytes"]:
+            raise DatasetError(
+                f"{name}: {info.size} bytes, {MANIFEST} says {shard['bytes']}; the shard is "
+                "truncated or was replaced"
+            )
+        infos.append(info)
+    # Footers are tiny ranged reads; on an object store their latency dominates, so overlap them.
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(shards)))) as pool:
+        footers = list(pool.map(lambda s, i: _read_footer(store, s, i, manifest), shards, infos))
+    if verify:
+        for shard, info in zip(shards, infos, strict=True):
+            if _sha256(store, info) != shard["sha256"]:
+                raise DatasetError(
+                    f"{store.name(shard['file'])}: sha256 differs from {MANIFEST}; the shard "
+                    "is damaged"
+                )
+    files = [
+        ShardFile(rel=s["file"], name=store.name(s["file"]), info=i, metadata=m)
+        for s, i, m in zip(shards, infos, footers, strict=True)
+    ]
+    return manifest, files
+
+
+def load_manifest(
+    root: str | Path, *, splits: Iterable[str] | None = None, verify: bool = False
+) -> dict[str, Any]:
+    """Read ``root/manifest.json`` (a folder or URI) and check the shards of ``splits`` (all by
+    default) as :func:`inspect_split` does; ``verify`` adds the sha256 of every byte."""
+    store = ShardStore(root)
+    manifest = _read_manifest_file(store)
+    for split in manifest["splits"] if splits is None else splits:
+        inspect_split(store, split, verify=verify)
+    return manifest
+
+
+def shard_files(root: str | Path, split: str, *, verify: bool = False) -> list[str]:
+    """The paths or URIs of ``split``'s shard files in sample order, after checking them."""
+    _, files = inspect_split(root, split, verify=verify)
+    return [f.name for f in files]
 
 
 def read_ray_dataset(
-    root: str | Path, split: str, *, verify: bool = True, columns: list[str] | None = None
+    root: str | Path, split: str, *, verify: bool = False, columns: list[str] | None = None
 ):
-    """``ray.data.read_parquet`` over a split's verified shard files (rows as :func:`decode_row`
-    expects them: tensor columns as bytes plus ``K__shape``)."""
-    files = [str(p) for p in shard_files(root, split, verify=verify)]
+    """``ray.data.read_parquet`` over a split's checked shard files, local or remote (rows as
+    :func:`decode_row` expects them: tensor columns as bytes plus ``K__shape``)."""
+    store = ShardStore(root)
+    _, files = inspect_split(store, split, verify=verify)
     import ray.data  # lazy: the library does not need Ray otherwise
 
-    return ray.data.read_parquet(files, columns=columns)
+    paths = [f.info.path for f in files]
+    return ray.data.read_parquet(paths, filesystem=store.fs, columns=columns)

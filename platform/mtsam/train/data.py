@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from mtsam.data import DatasetError, ShardDataset, ensure_scenes, open_dataset
+from mtsam.data.shards import MANIFEST
 
 
 def scenes_root(
@@ -30,15 +31,19 @@ def open_split(
     num_classes: int | None,
     augment: bool,
     seed: int,
-    verify: bool = True,
+    verify: bool = False,
 ) -> Dataset:
-    """One split from the raw layout (``fmt="files"``) or from Parquet shards (``"shards"``,
-    which must hold ``dataset``; ``verify`` checks their sha256)."""
+    """One split from the raw layout (``fmt="files"``) or from Parquet shards (``"shards"``, a
+    folder or an ``s3://`` / ``gs://`` URI, which must hold ``dataset``).
+
+    Shards are checked from their manifest and Parquet footers (sizes, row counts, schema) and
+    page checksums as pages are read; ``verify`` adds the sha256 of every byte (reads the whole
+    split, so workers leave it off)."""
     if fmt == "shards":
         ds = ShardDataset(
             root, split, tasks=tuple(tasks), augment=augment, seed=seed, verify=verify
         )
-        manifest = Path(root) / "manifest.json"
+        manifest = ds.store.name(MANIFEST)
         if ds.dataset_name != dataset:
             raise DatasetError(
                 f"{manifest}: shards of {ds.dataset_name!r}, but data.dataset = {dataset!r}"

@@ -26,6 +26,7 @@ from torch import nn
 from mtsam.adapters import AdapterSpec, extra_losses
 from mtsam.adapters.io import save_adapter
 from mtsam.config import ExperimentConfig
+from mtsam.data.storage import is_uri
 from mtsam.model.msam import MSAM, build_msam, hold_frozen_in
 from mtsam.tasks import build_tasks, task_metric_directions
 from mtsam.train.context import WorkerContext, scratch_dir
@@ -100,9 +101,11 @@ def build_model(cfg: ExperimentConfig, *, tasks: Sequence[Any], base: BaseWeight
     return model
 
 
-def data_root(cfg: ExperimentConfig) -> Path:
+def data_root(cfg: ExperimentConfig) -> Path | str:
     d = cfg.data
     if d.dataset != "scenes" or d.format == "shards":
+        if d.root and is_uri(d.root):
+            return d.root  # shards on s3:// / gs://, read in place
         return Path(d.root or "")
     cache = Path(d.root) if d.root else Path(cfg.output_dir) / "cache" / "scenes"
     s = d.scenes

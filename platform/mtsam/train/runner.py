@@ -180,7 +180,7 @@ def _largest_in_sweep(cfg: ExperimentConfig, key: str, base: int) -> tuple[int, 
     return top, f"tune.space.{key} up to {top}"
 
 
-def prepare_data(cfg: ExperimentConfig, *, sweep: bool = False) -> Path:
+def prepare_data(cfg: ExperimentConfig, *, sweep: bool = False) -> Path | str:
     """Generate the scenes (once, atomically) before any worker starts, and open both splits
     once: a missing or malformed dataset, or too few samples for one step, is one error here
     instead of a traceback from every worker (and every retry). For a ``sweep`` the step is
@@ -189,7 +189,9 @@ def prepare_data(cfg: ExperimentConfig, *, sweep: bool = False) -> Path:
     from mtsam.train.loop import data_root
 
     root = data_root(cfg)
-    if (cfg.data.dataset != "scenes" or cfg.data.format == "shards") and not root.is_dir():
+    # s3:// / gs:// shards (a str) are checked by opening them below
+    needs_folder = cfg.data.dataset != "scenes" or cfg.data.format == "shards"
+    if needs_folder and isinstance(root, Path) and not root.is_dir():
         raise FileNotFoundError(f"data.root {root}: no such folder")
     common = {"fmt": cfg.data.format, "tasks": cfg.data.tasks, "num_classes": cfg.data.classes}
     splits = {
