@@ -7,8 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -33,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 H, W = 8, 12
 
 
-def write_nyuv2(root: Path, n: int = 5, split: str = "train") -> None:
+def write_nyuv2(root: Path, n: int = 5, split: str = "train", h: int = H, w: int = W) -> None:
+    H, W = h, w
     rng = np.random.default_rng(len(split) + n)
     for folder in ("image", "label", "depth", "normal"):
         (root / split / folder).mkdir(parents=True, exist_ok=True)
@@ -494,3 +498,108 @@ def test_a_manifest_from_before_the_class_count_keeps_it_unknown(tmp_path):
         tmp_path / "out", sources(tmp_path / "src", ("train", "val")), dataset="nyuv2"
     )
     assert manifest["splits"]["val"]["num_samples"] == 3 and manifest["num_classes"] is None
+
+
+class CountingFS(pafs.FileSystemHandler):
+    """A local filesystem that counts the bytes read through it (pyarrow's PyFileSystem)."""
+
+    def __init__(self) -> None:
+        self.local = pafs.LocalFileSystem()
+        self.bytes_read = 0
+
+    def _counted(self, f):
+        handler = self
+
+        class Reader:
+            closed = False
+
+            def read(self, n=-1):
+                data = f.read() if n is None or n < 0 else f.read(n)
+                handler.bytes_read += len(data)
+                return data
+
+            def seek(self, pos, whence=0):
+                return f.seek(pos, whence)
+
+            def tell(self):
+                return f.tell()
+
+            def close(self):
+                f.close()
+                self.closed = True
+
+        return pa.PythonFile(Reader(), mode="r")
+
+    def open_input_file(self, path):
+        return self._counted(self.local.open_input_file(path))
+
+    def open_input_stream(self, path):
+        return self._counted(self.local.open_input_stream(path))
+
+    def get_type_name(self):
+        return "counting"
+
+    def get_file_info(self, paths):
+        return self.local.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.local.get_file_info(selector)
+
+    def normalize_path(self, path):
+        return path
+
+    def equals(self, other):
+        return self is other
+
+    def _unused(self, *args):
+        raise NotImplementedError
+
+    create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = _unused
+    delete_file = move = copy_file = open_output_stream = open_append_stream = _unused
+
+
+def test_workers_start_without_reading_or_hashing_the_shards(tmp_path, monkeypatch):
+    """What the worker loop runs before its first batch (open both splits as loop.fit does,
+    a rank's loader, one batch) checks the shards from their sizes and footers: it reads a
+    small part of the shard bytes and hashes none. The old start-up (sha256 of every byte at
+    every start) fails both checks; ``verify=True`` still offers it, and is counted here too."""
+    from mtsam.data.storage import ShardStore
+    from mtsam.train.data import open_split, train_loader
+
+    for split, n in (("train", 12), ("val", 4)):
+        write_nyuv2(tmp_path / "src", n=n, split=split, h=128, w=160)
+    write_shards(
+        tmp_path / "out",
+        sources(tmp_path / "src", ("train", "val")),
+        dataset="nyuv2",
+        samples_per_shard=4,
+    )
+    total = sum(p.stat().st_size for p in (tmp_path / "out").rglob("*.parquet"))
+    counter = CountingFS()
+    real_resolve = ShardStore._resolve
+
+    def counted(self):
+        _, base = real_resolve(self)
+        return pafs.PyFileSystem(counter), base
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("a worker hashed shard bytes at start-up")
+
+    monkeypatch.setattr(ShardStore, "_resolve", counted)
+    monkeypatch.setattr(shards_mod, "sha256_file", no_hashing)
+    monkeypatch.setattr(shards_mod, "hashlib", SimpleNamespace(sha256=no_hashing))
+    common = {"fmt": "shards", "tasks": ("semantic", "depth", "normal"), "num_classes": 13}
+    train = open_split("nyuv2", tmp_path / "out", "train", augment=True, seed=0, **common)
+    open_split("nyuv2", tmp_path / "out", "val", augment=False, seed=0, **common)
+    opened = counter.bytes_read
+    assert 0 < opened < 0.05 * total, (opened, total)  # the footers' ends of the files
+    loader, _ = train_loader(train, batch_size=2, rank=1, world_size=2, seed=0, workers=0)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (2, 3, 128, 160)
+    per_sample = total / 16
+    assert counter.bytes_read - opened < 3 * per_sample  # the batch's two samples, not more
+    monkeypatch.undo()
+    monkeypatch.setattr(ShardStore, "_resolve", counted)
+    counter.bytes_read = 0
+    ShardDataset(tmp_path / "out", "train", verify=True)
+    assert counter.bytes_read >= 12 / 16 * total  # the full check reads every train byte

@@ -46,18 +46,20 @@ class ShardStore:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fs": None}
 
+    def _resolve(self) -> tuple[pafs.FileSystem, str]:
+        """(filesystem, the root's path on it)."""
+        if not self.uri:
+            return pafs.LocalFileSystem(), str(Path(self.root).absolute())
+        try:
+            fs, base = pafs.FileSystem.from_uri(str(self.root))
+        except (OSError, ValueError) as err:
+            raise DatasetError(f"{self.root}: cannot open ({first_line(err)})") from None
+        return fs, base.rstrip("/")
+
     @property
     def fs(self) -> pafs.FileSystem:
         if self._fs is None:
-            if self.uri:
-                try:
-                    self._fs, base = pafs.FileSystem.from_uri(str(self.root))
-                except (OSError, ValueError) as err:
-                    raise DatasetError(f"{self.root}: cannot open ({first_line(err)})") from None
-                self._base = base.rstrip("/")
-            else:
-                self._fs = pafs.LocalFileSystem()
-                self._base = str(Path(self.root).absolute())
+            self._fs, self._base = self._resolve()
         return self._fs
 
     def path(self, rel: str = "") -> str:
