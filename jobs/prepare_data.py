@@ -2,8 +2,12 @@
 
     python jobs/prepare_data.py --dataset nyuv2 --root data/nyuv2 --out shards/nyuv2
     python jobs/prepare_data.py --dataset scenes --out shards/scenes --scenes-train 200
+    python jobs/prepare_data.py --verify s3://bucket/shards/nyuv2
 
-Re-running with the same input and options changes nothing. Bad input prints one line
+Re-running with the same input and options changes nothing. ``--verify ROOT`` checks an
+existing shard set (a folder or an s3:// / gs:// URI) in full: the manifest, every shard's
+size and Parquet footer, and the sha256 of every byte (training workers check all but the
+sha256, which would read the whole set at every start). Bad input prints one line
 ``error: ...`` to stderr and exits with status 2.
 """
 
@@ -16,7 +20,14 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import _bootstrap  # noqa: F401  (puts platform/ on sys.path when mtsam is not installed)
-from mtsam.data import DATASET_TASKS, DatasetError, SplitSource, open_dataset, write_shards
+from mtsam.data import (
+    DATASET_TASKS,
+    DatasetError,
+    SplitSource,
+    load_manifest,
+    open_dataset,
+    write_shards,
+)
 from mtsam.data.scenes import (
     find_scene_sets,
     generate_scenes,
@@ -29,9 +40,14 @@ from mtsam.data.shards import dataset_fingerprint, source_fingerprint
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=sorted(DATASET_TASKS))
+    p.add_argument("--dataset", choices=sorted(DATASET_TASKS))
     p.add_argument("--root", type=Path, help="dataset folder (scenes: where to keep them)")
-    p.add_argument("--out", type=Path, required=True, help="shard folder to write")
+    p.add_argument("--out", type=Path, help="shard folder to write")
+    p.add_argument(
+        "--verify",
+        metavar="SHARDS",
+        help="only check this shard set (folder or URI) in full, sha256 included",
+    )
     p.add_argument(
         "--splits", nargs="+", default=["train", "val"], help="splits to convert (train val)"
     )
@@ -47,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--width", type=int, default=128, help="image width in pixels (128)")
     g.add_argument("--seed", type=int, default=0, help="scene generator seed (0)")
     args = p.parse_args(argv)
+    if args.verify is not None:
+        return args
+    if args.dataset is None or args.out is None:
+        p.error("--dataset and --out are required (or --verify SHARDS)")
     if args.dataset != "scenes" and args.root is None:
         p.error(f"--root is required for --dataset {args.dataset}")
     return args
@@ -182,8 +202,25 @@ def _reader_sources(args: argparse.Namespace) -> dict[str, SplitSource]:
     return sources
 
 
+def verify(root: str) -> str:
+    """Check the shard set at ``root`` in full; returns a one-line summary."""
+    manifest = load_manifest(root, verify=True)
+    counts = ", ".join(
+        f"{s}: {e['num_samples']} samples in {len(e['shards'])} shards"
+        for s, e in manifest["splits"].items()
+    )
+    return f"verified {root} ({manifest['dataset']}; {counts}): sizes, footers and sha256 match"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.verify is not None:
+        try:
+            print(verify(args.verify))
+        except DatasetError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     try:
         with ExitStack() as stack:
             if args.dataset == "scenes":

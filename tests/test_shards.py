@@ -603,3 +603,27 @@ def test_workers_start_without_reading_or_hashing_the_shards(tmp_path, monkeypat
     counter.bytes_read = 0
     ShardDataset(tmp_path / "out", "train", verify=True)
     assert counter.bytes_read >= 12 / 16 * total  # the full check reads every train byte
+
+
+def test_prepare_data_verify_checks_every_byte(tmp_path, capsys):
+    """``prepare_data.py --verify`` is the explicit full check: the sha256 of every shard."""
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "jobs"))
+    spec = importlib.util.spec_from_file_location(
+        "mtsam_job_prepare", REPO / "jobs/prepare_data.py"
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    write_nyuv2(tmp_path / "src", n=3)
+    write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2", samples_per_shard=2)
+    assert job.main(["--verify", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out == (
+        f"verified {tmp_path / 'out'} (nyuv2; train: 3 samples in 2 shards): sizes, footers "
+        "and sha256 match\n"
+    )
+    shard = tmp_path / "out/train/part-00001.parquet"
+    flip_last_data_byte(shard, 0, "depth")
+    assert job.main(["--verify", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {shard}: sha256 differs from manifest.json; the shard is damaged\n"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mtsam.config import load_config
-from mtsam.data import DatasetError, generate_scenes, write_shards
+from mtsam.data import DatasetError, generate_scenes, load_manifest, write_shards
 from mtsam.data.shards import SplitSource, dataset_fingerprint
 from mtsam.train import runner
 from mtsam.train.context import local_context
@@ -194,6 +194,11 @@ def test_damaged_or_missing_s3_shards_are_one_line_naming_the_uri(s3, local_shar
     )
     msg = _one_line_error(uri, read=2)  # opens fine: only sample 2's data is damaged
     assert msg.startswith(f"{uri}/{first}: sample 2 unreadable (") and "CRC" in msg
+    with pytest.raises(DatasetError) as err:  # the full check (prepare_data.py --verify)
+        load_manifest(uri, verify=True)
+    assert (
+        str(err.value) == f"{uri}/{first}: sha256 differs from manifest.json; the shard is damaged"
+    )
 
     second = "train/part-00001.parquet"
     uri = upload(s3, local_shards, "lost", lambda rel, d: None if rel == second else d)
