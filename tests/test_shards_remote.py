@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,11 @@ def test_two_ranks_stream_their_own_parts_from_s3_as_from_local_disk(s3, local_s
     assert len(seen["train"][0]) == len(seen["train"][1]) == NUM_TRAIN // 2
     assert seen["val"][0] | seen["val"][1] == set(range(NUM_VAL))
     assert not seen["val"][0] & seen["val"][1]
+    # A spawned DataLoader worker gets a pickled copy: it reconnects from its environment.
+    remote = open_split("scenes", uri, "val", augment=False, **common)
+    remote[0]  # with an open connection and file handle
+    copy = pickle.loads(pickle.dumps(remote))
+    assert torch.equal(copy[3]["depth"], remote[3]["depth"])
 
     torch.set_num_threads(1)
     timing = ("train/step_time_s", "train/images_per_s")

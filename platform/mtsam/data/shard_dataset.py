@@ -84,7 +84,7 @@ class ShardDataset(DenseDataset):
         if shard not in self._handles:
             f = self._files[shard]
             self._handles[shard] = pq.ParquetFile(
-                self.store.fs.open_input_file(f.info.path),
+                self.store.fs.open_input_file(f.path),
                 metadata=f.metadata,  # checked at construction: not fetched again
                 pre_buffer=self.store.uri,  # one coalesced ranged read per row group
                 page_checksum_verification=True,
@@ -99,7 +99,14 @@ class ShardDataset(DenseDataset):
         names = ["index"] + [n for k in self.columns for n in (k, k + SHAPE_SUFFIX)]
         try:
             table = self._handle(shard).read_row_group(group, columns=names)
-            row = table.slice(row_in_shard - starts[group], 1).to_pylist()[0]
+            i = row_in_shard - starts[group]
+            # Tensor columns as Arrow buffers (no copy); decode_row makes the one copy.
+            row = {
+                n: table.column(n)[i].as_buffer()
+                if n in self.columns
+                else table.column(n)[i].as_py()
+                for n in names
+            }
             arrays = decode_row(row, self.columns)
         except (OSError, pa.ArrowException, ValueError) as err:
             raise DatasetError(

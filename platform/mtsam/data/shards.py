@@ -115,7 +115,8 @@ def decode_row(
     """One stored row (from pyarrow or a Ray Data row) -> {key: array}, ``"index"`` included.
 
     ``columns`` is the manifest's ``columns`` entry ({key: {"dtype": name}}). Only the tensor
-    columns present in ``row`` are decoded.
+    columns present in ``row`` are decoded; their values may be ``bytes`` or any buffer
+    (e.g. ``pyarrow.Buffer``): each array is copied once, into native byte order.
     """
     out: dict[str, np.ndarray] = {}
     for key, spec in columns.items():
@@ -335,7 +336,8 @@ class ShardFile:
 
     rel: str  # path inside the shard set, e.g. "train/part-00000.parquet"
     name: str  # path or URI for messages
-    info: pafs.FileInfo
+    path: str  # path on the store's filesystem
+    size: int
     metadata: pq.FileMetaData
 
 
@@ -462,7 +464,7 @@ def inspect_split(
                     "is damaged"
                 )
     files = [
-        ShardFile(rel=s["file"], name=store.name(s["file"]), info=i, metadata=m)
+        ShardFile(rel=s["file"], name=store.name(s["file"]), path=i.path, size=i.size, metadata=m)
         for s, i, m in zip(shards, infos, footers, strict=True)
     ]
     return manifest, files
@@ -495,5 +497,5 @@ def read_ray_dataset(
     _, files = inspect_split(store, split, verify=verify)
     import ray.data  # lazy: the library does not need Ray otherwise
 
-    paths = [f.info.path for f in files]
+    paths = [f.path for f in files]
     return ray.data.read_parquet(paths, filesystem=store.fs, columns=columns)
