@@ -188,6 +188,24 @@ def test_cli_bad_bucket_and_missing_objects_are_one_line_errors(s3, tmp_path, ca
     assert not ray.is_initialized()
 
 
+def test_denied_access_is_one_line_naming_the_uri(s3, tmp_path, capsys):
+    """moto checks credentials (IAM simulation): the fake keys are refused."""
+    from moto.core import enable_iam_authentication
+
+    train, evaluate = load_job("train"), load_job("evaluate")
+    where = f"s3://{BUCKET}/runs"
+    with enable_iam_authentication():
+        assert (
+            train.main(sets(*SMALL, f"output_dir={tmp_path}", f"scaling.storage_path={where}")) == 2
+        )
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: scaling.storage_path {where}: access denied"), err
+        assert evaluate.main(["--checkpoint", f"{where}/c", "--device=cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --checkpoint {where}/c: access denied"), err
+    assert "\n" not in err
+
+
 def test_train_on_s3_survives_a_killed_worker_and_a_killed_driver(
     ray_address, s3, scenes, tmp_path, capsys
 ):

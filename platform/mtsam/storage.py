@@ -88,22 +88,21 @@ def _reason(e: BaseException) -> str:
     if "NO_SUCH_BUCKET" in upper or "NOSUCHBUCKET" in upper:
         return "no such bucket"
     if "ACCESS_DENIED" in upper or "ACCESSDENIED" in upper or "FORBIDDEN" in upper:
-        return (
-            "access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the node's role)"
-        )
-    if "INVALIDACCESSKEYID" in upper or "SIGNATUREDOESNOTMATCH" in upper:
+        return "access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the node's role)"
+    if any(k in upper for k in ("INVALIDACCESSKEYID", "INVALID_ACCESS_KEY_ID", "SIGNATURE")):
         return "credentials refused (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
     if "CURL" in upper or "NETWORK_CONNECTION" in upper or "COULD NOT CONNECT" in upper:
         return f"storage endpoint unreachable (check AWS_ENDPOINT_URL): {text[:200]}"
     return text[:300] or type(e).__name__
 
 
-def _info(uri: str):
+def _info(uri: str, *, shown: str | None = None):
+    """(file system, path, FileInfo) of ``uri``; errors name ``shown`` (default: ``uri``)."""
     fs, path = _fs(uri)
     try:
         return fs, path, fs.get_file_info(path)
     except (OSError, ValueError) as e:
-        raise StorageError(f"{uri}: {_reason(e)}") from None
+        raise StorageError(f"{shown or uri}: {_reason(e)}") from None
 
 
 def check_bucket(uri: str, *, what: str) -> None:
@@ -115,7 +114,9 @@ def check_bucket(uri: str, *, what: str) -> None:
     bucket = path.split("/", 1)[0]
     if not bucket:
         raise StorageError(f"{what} {uri}: no bucket in the URI")
-    _, _, info = _info(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))
+    _, _, info = _info(
+        f"{scheme}://{bucket}" + (f"?{query}" if query else ""), shown=f"{what} {uri}"
+    )
     if info.type == pyarrow.fs.FileType.NotFound:
         raise StorageError(f"{what} {uri}: no such bucket {bucket!r}")
 
@@ -164,7 +165,7 @@ def local_copy(path: str | Path, *, what: str) -> Iterator[Path]:
     import pyarrow.fs
 
     uri = str(path)
-    fs, src, info = _info(uri)
+    fs, src, info = _info(uri, shown=f"{what} {uri}")
     if info.type == pyarrow.fs.FileType.NotFound:
         check_bucket(uri, what=what)
         raise StorageError(f"{what} {uri}: no such folder or object")
