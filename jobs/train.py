@@ -2,6 +2,7 @@
 
     python jobs/train.py --config configs/default.yaml [--set train.epochs=2 ...]
     python jobs/train.py --resume outputs/ray_results/train-default-20261123-120000  # continue
+    python jobs/train.py --resume s3://my-bucket/ray_results/train-default-20261123-120000
 
 Connects to a running Ray cluster (RAY_ADDRESS, automatically inside `ray job submit`, or one
 started by `ray start` on this machine), else starts a local one. Prints the final per-task

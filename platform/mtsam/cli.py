@@ -43,7 +43,7 @@ def add_run_args(ap: argparse.ArgumentParser, *, what: str, default_name: str) -
     ap.add_argument(
         "--resume",
         metavar="PATH",
-        help=f"continue the {what} stored at PATH",
+        help=f"continue the {what} stored at PATH (a folder, or a URI such as s3://bucket/...)",
     )
 
 
