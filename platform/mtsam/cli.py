@@ -109,9 +109,7 @@ def run_config_and_place(
     return cfg, name, where
 
 
-def _resume_from_uri(
-    args: argparse.Namespace, *, sweep: bool
-) -> tuple[ExperimentConfig, str, str]:
+def _resume_from_uri(args: argparse.Namespace, *, sweep: bool) -> tuple[ExperimentConfig, str, str]:
     """``--resume s3://bucket/runs/<name>``: the config saved in the run folder there."""
     import yaml
 
