@@ -13,6 +13,8 @@ A random base (no --base-checkpoint, no checkpoint in the config) is rebuilt fro
 adapter recorded, so it is the same random base the adapter was trained on. --json FILE also
 writes the metrics at full precision. --device auto (the default) runs on a GPU when one is
 visible, under the config's train.precision (bf16 autocast for auto), else on the CPU in fp32.
+--checkpoint and --adapter also take a folder in object storage (s3://bucket/..., gs://...;
+endpoint and credentials from the AWS_* / Google settings of the environment, see README).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import _bootstrap  # noqa: F401  (puts this checkout's platform/ on sys.path)
+from mtsam import storage
 from mtsam.cli import add_config_args, fail, metrics_table
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
@@ -72,7 +75,12 @@ def _model_from_checkpoint(cfg, state, ckpt: Path, tasks):
 
 
 def _model_from_adapter(adapter: str, *, base: str | None, cfg):
-    if adapter.startswith(URI_PREFIXES) or "://" in adapter:
+    if storage.is_object_uri(adapter):
+        from mtsam.adapters.io import build_from_adapter
+
+        with storage.local_copy(adapter, what="--adapter") as path:  # s3://, gs://
+            model = build_from_adapter(path, checkpoint=base, seed=None)
+    elif adapter.startswith(URI_PREFIXES) or "://" in adapter:
         model = _load_uri(adapter, base, cfg)
     else:
         from mtsam.adapters.io import build_from_adapter
@@ -212,13 +220,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.base_checkpoint and not Path(args.base_checkpoint).is_file():
             raise FileNotFoundError(f"--base-checkpoint {args.base_checkpoint}: no such file")
         if args.checkpoint:
-            ckpt = Path(args.checkpoint)
-            if not ckpt.is_dir():
-                raise FileNotFoundError(f"--checkpoint {ckpt}: no such folder")
-            cfg, state = _checkpoint_config(ckpt, args.config, args.set, args.base_checkpoint)
-            tasks = build_tasks(cfg.data.tasks, num_classes=cfg.data.classes)
-            model = _model_from_checkpoint(cfg, state, ckpt, tasks)
-            name = f"{ckpt.name} (epoch {state['epoch'] + 1})"
+            # a storage URI (s3://, gs://) is downloaded to a temporary folder first
+            with storage.local_copy(args.checkpoint, what="--checkpoint") as ckpt:
+                if not ckpt.is_dir():
+                    raise FileNotFoundError(f"--checkpoint {ckpt}: no such folder")
+                cfg, state = _checkpoint_config(ckpt, args.config, args.set, args.base_checkpoint)
+                tasks = build_tasks(cfg.data.tasks, num_classes=cfg.data.classes)
+                model = _model_from_checkpoint(cfg, state, ckpt, tasks)
+            shown = args.checkpoint.rstrip("/").rsplit("/", 1)[-1]
+            name = f"{shown} (epoch {state['epoch'] + 1})"
         else:
             from mtsam.cli import load_cli_config
 

@@ -2,6 +2,7 @@
 
     python jobs/train.py --config configs/default.yaml [--set train.epochs=2 ...]
     python jobs/train.py --resume outputs/ray_results/train-default-20261123-120000  # continue
+    python jobs/train.py --resume s3://my-bucket/ray_results/train-default-20261123-120000
 
 Connects to a running Ray cluster (RAY_ADDRESS, automatically inside `ray job submit`, or one
 started by `ray start` on this machine), else starts a local one. Prints the final per-task
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import _bootstrap  # noqa: F401  (puts this checkout's platform/ on sys.path)
 from mtsam.cli import add_config_args, add_run_args, fail, metrics_table, run_config_and_place
@@ -47,8 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     if base is not None:
         print(f"base weights of {cfg.model.checkpoint} put in the object store ({base[1]})")
     trainer = runner.make_trainer(cfg, name=name, storage=storage, base=base, tracking=tracking)
-    if "://" not in storage:  # (a URI storage path is no local folder to write into)
-        runner.save_run_config(Path(storage) / name, cfg)
+    from mtsam import storage as store
+
+    try:
+        runner.save_run_config(store.join(storage, name), cfg)
+    except (ValueError, OSError) as e:  # e.g. write access denied on the bucket
+        return fail(e)
     t0 = time.time()
     metric = "val/delta_m" if cfg.data.baseline else None
     from ray.train import TrainingFailedError
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             from mtsam.tracking.setup import end_failed_run
 
             print(end_failed_run(tracking, message))
-        run = Path(storage) / name if "://" not in storage else f"{storage}/{name}"
+        run = store.join(storage, name)
         print(
             f"error: {message} (run {run}; after a fix, continue it with --resume)", file=sys.stderr
         )
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     print(metrics_table({name: out.metrics}))
     print(f"finished in {time.time() - t0:.0f} s; run folder {out.path}")
     print(f"best checkpoint {out.checkpoint} (adapter in its adapter/ folder)")
+    print(f"outputs in {cfg.output_dir}")
     return 0
 
 

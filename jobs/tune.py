@@ -3,6 +3,7 @@
     python jobs/tune.py                                   # embedded default (configs/default.yaml)
     python jobs/tune.py --config configs/sweeps/X.yaml --set tune.num_samples=8
     python jobs/tune.py --resume outputs/ray_results/sweep-default-20261123-120000
+    python jobs/tune.py --resume s3://my-bucket/ray_results/sweep-default-20261123-120000
     ray job submit --working-dir . -- python jobs/tune.py --config configs/X.yaml
 
 Each trial is a Ray Train run with a config sampled from the `tune.space` section. At the end

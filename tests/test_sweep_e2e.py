@@ -98,8 +98,11 @@ def no_stray_ray():
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """A real `ray start --head` on 127.0.0.1 with the dashboard (job server) on."""
+    """A real `ray start --head` on 127.0.0.1 with the dashboard (job server) on. Jobs get
+    MTSAM_OUTPUT_ROOT=<tmp>/durable from the head's environment, so that a submitted job's
+    relative outputs go there instead of the real home folder."""
     port, dash = "6391", "8267"
+    head_env = env() | {"MTSAM_OUTPUT_ROOT": str(tmp_path / "durable")}
     r = subprocess.run(
         [
             f"{VENV_BIN}/ray",
@@ -119,7 +122,7 @@ def ray_head(tmp_path):
             dash,
             "--disable-usage-stats",
         ],
-        env=env(),
+        env=head_env,
         capture_output=True,
         text=True,
         timeout=120,
@@ -134,8 +137,13 @@ def ray_head(tmp_path):
 
 
 def test_ray_job_submit_runs_the_submitted_code(ray_head, tmp_path):
-    """The README's cluster command, against a real head: SUCCEEDED, results, submitted code."""
-    out = tmp_path / "out"
+    """The README's cluster command, against a real head: SUCCEEDED, results, submitted code.
+    With the default relative output_dir, the MLflow store and the best adapter are under the
+    durable output root (MTSAM_OUTPUT_ROOT), not in the job's temporary working folder, and
+    are still there after `ray stop`."""
+    from mlflow import MlflowClient
+
+    durable = tmp_path / "durable"
     cmd = [
         f"{VENV_BIN}/ray",
         "job",
@@ -151,7 +159,7 @@ def test_ray_job_submit_runs_the_submitted_code(ray_head, tmp_path):
         "configs/default.yaml",
         *sets(
             *SMALL,
-            f"output_dir={out}",
+            "tracking.enabled=true",
             "tune.num_samples=1",
             "train.epochs=1",
             "tune.max_concurrent_trials=1",
@@ -166,10 +174,20 @@ def test_ray_job_submit_runs_the_submitted_code(ray_head, tmp_path):
     # patch sent each worker line twice)
     assert log.count("[epoch 1/1]") == 1, log[-3000:]
     adapter = Path(log.split("best adapter:")[1].split()[0])
-    assert (adapter / "adapter.safetensors").is_file() and (adapter / "adapter.json").is_file()
     # the training worker imported mtsam from the package shipped with the job, not the checkout
     origin = log.split("mtsam from ")[1].split()[0]
     assert "_ray_pkg_" in origin and not origin.startswith(str(REPO)), origin
+    assert f"outputs in {durable / 'outputs'}" in log, log[-3000:]
+
+    subprocess.run(
+        [f"{VENV_BIN}/ray", "stop", "--force"], env=env(), capture_output=True, timeout=120
+    )
+    assert adapter.is_relative_to(durable), adapter
+    assert (adapter / "adapter.safetensors").is_file() and (adapter / "adapter.json").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{durable / 'outputs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("default").experiment_id])
+    assert sorted(x.info.status for x in runs) == ["FINISHED", "FINISHED"]  # sweep + trial
+    assert any("val/depth/abs_err" in x.data.metrics for x in runs)
 
 
 def test_asha_stops_weak_trials_early(tmp_path, no_stray_ray):

@@ -475,16 +475,40 @@ def test_launch_makes_relative_local_paths_absolute(tmp_path, monkeypatch):
     assert with_absolute_paths(absolute) is absolute  # nothing to change
 
 
-def test_relative_output_dir_stays_relative_with_uri_storage(tmp_path, monkeypatch):
-    """With s3:// storage a relative output_dir keeps the MLflow spools out of the temporary
-    working folder of ``ray job submit`` (spool_root falls back to the home folder)."""
+def test_relative_outputs_go_to_a_durable_root_inside_a_submitted_job(tmp_path, monkeypatch):
+    """``ray job submit`` runs the job in Ray's temporary copy of the working folder: there a
+    relative output_dir (and storage path) resolve under ~/mtsam_outputs, or
+    $MTSAM_OUTPUT_ROOT, while inputs (data.root) still resolve against the working folder.
+    Outside a job $MTSAM_OUTPUT_ROOT applies too; without it, the launch folder."""
     from mtsam.tracking.setup import spool_root
     from mtsam.train.runner import storage_path, with_absolute_paths
 
-    monkeypatch.chdir(tmp_path)
-    cfg = with_absolute_paths(
-        build_config({}, ["output_dir=outputs", "scaling.storage_path=s3://b/r", "data.root=d"])
+    work = tmp_path / "ray" / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MTSAM_OUTPUT_ROOT", raising=False)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray sets for a job's driver
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    sets = ["output_dir=outputs", "data.root=d", "scaling.storage_path=runs"]
+    cfg = with_absolute_paths(build_config({}, sets))
+    durable = tmp_path / "home" / "mtsam_outputs"
+    assert cfg.output_dir == str(durable / "outputs")
+    assert cfg.scaling.storage_path == str(durable / "runs")
+    assert cfg.data.root == str(work / "d")
+    uri = with_absolute_paths(
+        build_config({}, ["output_dir=outputs", "scaling.storage_path=s3://b/r"])
     )
-    assert cfg.output_dir == "outputs" and cfg.data.root == str(tmp_path / "d")
-    assert cfg.scaling.storage_path == "s3://b/r"
-    assert spool_root(cfg, storage_path(cfg)) == str(Path.home() / "mtsam_mlflow_spools")
+    assert uri.output_dir == str(durable / "outputs") and uri.scaling.storage_path == "s3://b/r"
+    assert spool_root(uri, storage_path(uri)) == str(durable / "outputs" / "mlflow_spools")
+
+    monkeypatch.setenv("MTSAM_OUTPUT_ROOT", str(tmp_path / "mine"))
+    assert with_absolute_paths(build_config({}, sets)).output_dir == str(
+        tmp_path / "mine" / "outputs"
+    )
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    monkeypatch.chdir(tmp_path)
+    assert with_absolute_paths(build_config({}, sets)).output_dir == str(
+        tmp_path / "mine" / "outputs"
+    )
+    monkeypatch.delenv("MTSAM_OUTPUT_ROOT")
+    assert with_absolute_paths(build_config({}, sets)).output_dir == str(tmp_path / "outputs")

@@ -43,7 +43,7 @@ def add_run_args(ap: argparse.ArgumentParser, *, what: str, default_name: str) -
     ap.add_argument(
         "--resume",
         metavar="PATH",
-        help=f"continue the {what} stored at PATH",
+        help=f"continue the {what} stored at PATH (a folder, or a URI such as s3://bucket/...)",
     )
 
 
@@ -59,6 +59,7 @@ def run_config_and_place(
     A new run never reuses a folder: Ray would silently continue (or mix into) the run that is
     there, with the new config written over the one it was trained with.
     """
+    from mtsam import storage
     from mtsam.train import runner
 
     if args.resume:
@@ -68,6 +69,8 @@ def run_config_and_place(
                 f"--resume takes the config and name of the run it continues; drop {given} "
                 "(use --set to change values)"
             )
+        if storage.is_uri(args.resume):
+            return _resume_from_uri(args, sweep=sweep)
         path = Path(args.resume).resolve()
         cfg_path = runner.resume_config_path(path)
         is_sweep = (path / "tuner.pkl").is_file()  # Ray Tune writes it when a sweep starts
@@ -92,13 +95,42 @@ def run_config_and_place(
             f"run name {name!r} (from --name or the config's name): expected a plain folder "
             "name (no '/')"
         )
-    storage = runner.storage_path(cfg)
-    if "://" not in storage and (Path(storage) / name).exists():
+    where = runner.storage_path(cfg)
+    if storage.is_uri(where):
+        storage.check_bucket(where, what="scaling.storage_path")  # before Ray starts
+        taken = storage.exists(storage.join(where, name))
+    else:
+        taken = (Path(where) / name).exists()
+    if taken:
         raise ValueError(
-            f"--name {name}: {Path(storage) / name} already exists; pass --resume with that "
-            "path to continue it, or choose another --name"
+            f"--name {name}: {storage.join(where, name)} already exists; pass --resume with "
+            "that path to continue it, or choose another --name"
         )
-    return cfg, name, storage
+    return cfg, name, where
+
+
+def _resume_from_uri(args: argparse.Namespace, *, sweep: bool) -> tuple[ExperimentConfig, str, str]:
+    """``--resume s3://bucket/runs/<name>``: the config saved in the run folder there."""
+    import yaml
+
+    from mtsam import storage
+    from mtsam.config import build_config
+    from mtsam.train import runner
+
+    uri = args.resume.rstrip("/")
+    parent, name = storage.parent_and_name(uri)
+    text = runner.resume_config_text(uri)
+    is_sweep = storage.is_file(storage.join(uri, "tuner.pkl"))
+    if is_sweep != sweep:
+        raise ValueError(
+            f"--resume {uri}: a sweep folder; continue it with jobs/tune.py --resume"
+            if is_sweep
+            else f"--resume {uri}: not a sweep folder (no tuner.pkl); continue a run of "
+            "jobs/train.py with jobs/train.py --resume"
+        )
+    cfg = runner.with_absolute_paths(build_config(yaml.safe_load(text) or {}, args.set))
+    runner.check_scaling(cfg)
+    return cfg, name, parent
 
 
 def fail(error: BaseException, code: int = 2) -> int:

@@ -122,7 +122,9 @@ def load_adapter(
     allow_other_base: bool = False,
     tracking_uri: str | None = None,
 ) -> MSAM:
-    """A ready mSAM, in eval mode, from a saved adapter: a local folder,
+    """A ready mSAM, in eval mode, from a saved adapter: a local folder, a folder in object
+    storage (``s3://bucket/.../checkpoint_<n>/adapter`` or the checkpoint folder itself, read
+    with the AWS / Google settings of the environment),
     ``runs:/<run_id>/adapter``, ``models:/<name>/<version>`` (or ``/latest``),
     ``models:/<name>@<alias>`` or any MLflow artifact URI.
 
@@ -145,6 +147,18 @@ def load_adapter(
         model = build_from_adapter(
             local, checkpoint=checkpoint, seed=seed, allow_other_base=allow_other_base
         )
+        return model.eval()
+
+    from mtsam import storage
+
+    if storage.is_object_uri(text):  # a run folder in s3:// / gs://: no MLflow store needed
+        with storage.local_copy(text, what="adapter") as got:
+            model = build_from_adapter(
+                _adapter_folder(got, text),
+                checkpoint=checkpoint,
+                seed=seed,
+                allow_other_base=allow_other_base,
+            )
         return model.eval()
 
     import mlflow.artifacts

@@ -22,8 +22,20 @@ def ray_runtime_env() -> dict[str, Any]:
             "PYTHONUNBUFFERED": "1",
             "RAY_TRAIN_V2_ENABLED": "1",
         }
-        | {k: os.environ[k] for k in ("MTSAM_FAULT_NAN_STEP",) if k in os.environ},
+        | {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
     }
+
+
+# Passed on to every trial driver and worker: the fault injection of the tests, and where object
+# storage is and in which region (not credentials: runtime_env values show in Ray's dashboard;
+# those come from the nodes' own environment or role).
+FORWARDED_ENV = (
+    "MTSAM_FAULT_NAN_STEP",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
 
 
 def check_scaling(cfg: ExperimentConfig) -> None:
@@ -40,32 +52,54 @@ def check_scaling(cfg: ExperimentConfig) -> None:
 
 
 LOCAL_PATH_FIELDS = ("output_dir", "data.root", "model.checkpoint", "scaling.storage_path")
+# Where a job writes (not what it reads): relative values resolve against output_root().
+OUTPUT_FIELDS = ("output_dir", "scaling.storage_path")
+OUTPUT_ROOT_ENV = "MTSAM_OUTPUT_ROOT"
+DEFAULT_SUBMITTED_ROOT = "~/mtsam_outputs"
+
+
+def in_submitted_job() -> bool:
+    """True in the driver of a ``ray job submit`` job, which runs inside Ray's temporary copy of
+    the working folder (``.../runtime_resources/working_dir_files/_ray_pkg_*``)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ or (
+        "working_dir_files" in Path.cwd().parts and "runtime_resources" in Path.cwd().parts
+    )
+
+
+def output_root() -> Path:
+    """The folder a relative ``output_dir`` (and ``scaling.storage_path``) is taken from:
+    ``$MTSAM_OUTPUT_ROOT`` if set; inside a submitted job ``~/mtsam_outputs`` on the node that
+    runs the job (the job's working folder is deleted with the Ray session); else the folder
+    the job was launched in."""
+    if os.environ.get(OUTPUT_ROOT_ENV):
+        return Path(os.environ[OUTPUT_ROOT_ENV]).expanduser().resolve()
+    if in_submitted_job():
+        return Path(DEFAULT_SUBMITTED_ROOT).expanduser().resolve()
+    return Path.cwd()
 
 
 def with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """``cfg`` with its relative local paths (and ``~``) made absolute against the launch folder.
+    """``cfg`` with its relative local paths (and ``~``) made absolute.
 
     Ray Train runs every worker in its run's own folder, not where the job was launched: a
     relative ``data.root`` there names another folder (a dataset not found after the checks
     passed), and a relative ``output_dir`` made every trial generate the scenes again inside
-    Ray's session folder. URIs (``s3://...``) are left alone.
+    Ray's session folder. Inputs (``data.root``, ``model.checkpoint``) resolve against the
+    launch folder, outputs against :func:`output_root`. URIs (``s3://...``) are left alone.
     """
     from mtsam.config import set_path
 
     d = cfg.to_dict()
     changed = False
-    storage = cfg.scaling.storage_path or ""
     for key in LOCAL_PATH_FIELDS:
-        if key == "output_dir" and "://" in storage:
-            # with URI storage a relative output_dir must stay relative: the spool root then
-            # falls back to the home folder (tracking.setup.spool_root) instead of the temporary
-            # working folder of ``ray job submit``, which is deleted with the job
-            continue
         section, _, leaf = key.rpartition(".")
         value = (d[section] if section else d).get(leaf)
         if not value or "://" in value or Path(value).is_absolute():
             continue
-        d = set_path(d, key, str(Path(value).expanduser().resolve()))
+        path = Path(value).expanduser()
+        if not path.is_absolute() and key in OUTPUT_FIELDS:
+            path = output_root() / path
+        d = set_path(d, key, str(path.resolve()))
         changed = True
     return ExperimentConfig.model_validate(d) if changed else cfg
 
@@ -296,9 +330,9 @@ def _entry(loop_config: dict[str, Any]) -> dict[str, str] | None:
 def outcome_of(result: Any, *, metric: str | None = None, mode: str = "max") -> TrainOutcome:
     """Plain values from a Ray Train ``Result``; the best checkpoint by ``metric`` if given."""
     metrics = dict(result.metrics or {})
-    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    ckpt = _path_of(result.checkpoint) if result.checkpoint is not None else None
     ranked = [
-        (m[metric], c.path)
+        (m[metric], _path_of(c))
         for c, m in (getattr(result, "best_checkpoints", None) or [])
         if metric and isinstance(m.get(metric), (int, float))
     ]
@@ -308,7 +342,16 @@ def outcome_of(result: Any, *, metric: str | None = None, mode: str = "max") -> 
     # checkpointed report (the good epoch before it).
     returned = getattr(result, "return_value", None)
     error = metrics.get("error") or (returned.get("error") if isinstance(returned, dict) else None)
-    return TrainOutcome(metrics=metrics, path=str(result.path), checkpoint=ckpt, error=error)
+    return TrainOutcome(metrics=metrics, path=_path_of(result), checkpoint=ckpt, error=error)
+
+
+def _path_of(item: Any) -> str:
+    """A Ray result's or checkpoint's path, as a URI when it lives in object storage (Ray gives
+    ``bucket/...`` there, the path inside its pyarrow file system)."""
+    path = str(item.path)
+    fs = getattr(item, "filesystem", None)
+    scheme = {"s3": "s3", "gcs": "gs"}.get(getattr(fs, "type_name", ""), "")
+    return f"{scheme}://{path.lstrip('/')}" if scheme and "://" not in path else path
 
 
 def failure_line(error: BaseException) -> str:
@@ -323,13 +366,21 @@ def failure_line(error: BaseException) -> str:
 RUN_CONFIG_FILE = "mtsam_config.yaml"
 
 
-def save_run_config(run_path: Path, cfg: ExperimentConfig) -> None:
-    """Keep the resolved config beside the run, so ``--resume`` needs only the run path."""
+def save_run_config(run_path: str | Path, cfg: ExperimentConfig) -> None:
+    """Keep the resolved config beside the run (a local folder or a storage URI), so
+    ``--resume`` needs only the run path."""
     import yaml
 
+    from mtsam import storage
+
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if storage.is_uri(run_path):
+        storage.write_text(storage.join(str(run_path), RUN_CONFIG_FILE), text)
+        return
+    run_path = Path(run_path)
     run_path.mkdir(parents=True, exist_ok=True)
     tmp = run_path / (RUN_CONFIG_FILE + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.write_text(text)
     os.replace(tmp, run_path / RUN_CONFIG_FILE)
 
 
@@ -341,3 +392,16 @@ def resume_config_path(run_path: Path) -> str:
             "(not a folder written by jobs/train.py or jobs/tune.py?)"
         )
     return str(path)
+
+
+def resume_config_text(run_uri: str) -> str:
+    """The saved config of the run at a storage URI, as YAML text; one line if it is not one."""
+    from mtsam import storage
+
+    storage.check_bucket(run_uri, what="--resume")
+    if not storage.is_file(storage.join(run_uri, RUN_CONFIG_FILE)):
+        raise storage.StorageError(
+            f"--resume {run_uri}: no {RUN_CONFIG_FILE} there "
+            "(not a folder written by jobs/train.py or jobs/tune.py?)"
+        )
+    return storage.read_text(storage.join(run_uri, RUN_CONFIG_FILE))

@@ -13,6 +13,7 @@ from typing import Any
 
 from mtsam.cli import metrics_table
 from mtsam.config import ExperimentConfig
+from mtsam.storage import join
 from mtsam.tune.driver import SweepContext, TrialRow, best_row, summarise, trial_driver
 from mtsam.tune.space import make_scheduler, make_searcher, tune_space
 
@@ -66,9 +67,11 @@ def run(
     reference, fingerprint) of the SAM base weights, or None for a random base."""
     import ray.tune
 
+    from mtsam import storage as store
     from mtsam.train import runner
 
-    exp_path = Path(storage) / name if "://" not in storage else None
+    exp_path = Path(storage) / name if not store.is_uri(storage) else None
+    exp = store.join(storage, name)  # the sweep's folder: a local path or a storage URI
 
     tracking = None
     if cfg.tracking.enabled:
@@ -80,7 +83,7 @@ def run(
                 cfg,
                 sweep_name=name,
                 # a URI storage has no local folder: the sweep's own URI tells sweeps apart
-                sweep_path=str(exp_path or f"{storage.rstrip('/')}/{name}"),
+                sweep_path=exp,
                 storage=storage,
                 metric=plan.metric,
                 mode=plan.mode,
@@ -102,10 +105,10 @@ def run(
         ray.tune.with_parameters(trial_driver, ctx=ctx), {"cpu": cfg.tune.driver_cpus}
     )
     if resume:
-        if not ray.tune.Tuner.can_restore(str(exp_path or storage)):
-            raise SweepError(f"--resume {exp_path}: no restorable Tune experiment there")
+        if not ray.tune.Tuner.can_restore(exp):
+            raise SweepError(f"--resume {exp}: no restorable Tune experiment there")
         tuner = ray.tune.Tuner.restore(
-            str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True
+            exp, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
     else:
         t = cfg.tune
@@ -134,18 +137,20 @@ def run(
         )
         # Only now: the Tuner has written tuner.pkl, which marks the folder as a sweep's for
         # --resume; a failure before here leaves no folder behind.
-        if exp_path is not None:
-            runner.save_run_config(exp_path, cfg)
+        runner.save_run_config(exp, cfg)
     with _ctrl_c_watch() as ctrl_c:
         results = tuner.fit()
     rows = summarise(results, metric=plan.metric, mode=plan.mode)
+    for r in rows:  # Ray names checkpoints in object storage by bucket/...: give the URI
+        r.best_checkpoint = store.as_uri(storage, r.best_checkpoint)
     best = best_row(rows, metric=plan.metric, mode=plan.mode)
-    text = render(rows, best, plan=plan, path=str(results.experiment_path))
+    exp_shown = store.as_uri(storage, str(results.experiment_path)) or exp
+    text = render(rows, best, plan=plan, path=exp_shown)
     interrupted = ctrl_c.seen
     if interrupted:
         text += (
             "\ninterrupted (Ctrl-C): unfinished or unstarted trials remain, so this is no final "
-            f"result; continue with: jobs/tune.py --resume {results.experiment_path}"
+            f"result; continue with: jobs/tune.py --resume {exp_shown}"
         )
     if tracking is not None:
         from mtsam.tracking.setup import finish_sweep_tracking, spool_root
@@ -163,7 +168,8 @@ def run(
         )
     if best is None and not interrupted:
         raise SweepError(f"no trial finished with a finite {plan.metric}:\n{text}")
-    return SweepReport(rows, best, str(results.experiment_path), text, tracking, interrupted)
+    text += f"\noutputs in {cfg.output_dir}"
+    return SweepReport(rows, best, exp_shown, text, tracking, interrupted)
 
 
 class _CtrlC:
@@ -223,7 +229,7 @@ def render(rows: list[TrialRow], best: TrialRow | None, *, plan: Plan, path: str
             f"* best trial {best.trial_id}: {plan.metric} = {best.metrics[plan.metric]:.4g}"
         )
         if best.best_checkpoint:
-            lines.append(f"  best adapter: {Path(best.best_checkpoint) / 'adapter'}")
+            lines.append(f"  best adapter: {join(best.best_checkpoint, 'adapter')}")
     return "\n".join(lines)
 
 
