@@ -193,26 +193,42 @@ def saliency_logits(prob: np.ndarray) -> torch.Tensor:
 
 
 def test_saliency_maxf_tiny_case():
-    # Positives at thresholds in (0.605, 0.805]: {0.905, 0.805}, all salient; P = 3 salient
-    # pixels: precision 1, recall 2/3, F = 1.3 * 2/3 / (0.3 + 2/3) = 26/29, the maximum
-    # (at (0.305, 0.605]: p = r = 2/3, F = 2/3; at (0.205, 0.305]: p = 3/4, r = 1, F = 39/49).
-    prob = np.array([[[0.905, 0.805, 0.305, 0.605, 0.205, 0.055, 0.7]]])
-    gt = torch.tensor([[[1, 1, 1, 0, 0, 0, -1]]])
+    # Thresholds 0.05 .. 0.95, prediction >= threshold. At t = 0.5 the positives are {0.9, 0.5},
+    # both salient: precision 1, recall 1, maxF = 1. With p > t the best is t = 0.5 .. 0.85:
+    # {0.9} alone, precision 1, recall 1/2, F = 1.3 * 0.5 / (0.3 + 0.5) = 0.8125 (at t = 0.45
+    # the 0.48 joins: precision 2/3, recall 1, F = 1.3 * 2/3 / 1.2 = 0.722).
+    prob = np.array([[[0.9, 0.5, 0.48, 0.1, 0.7]]])
+    gt = torch.tensor([[[1, 1, 0, 0, -1]]])
     acc = SaliencyAccumulator()
     acc.update(saliency_logits(prob), gt)
     out = acc.compute()
-    assert out["maxf"] == pytest.approx(26 / 29)
-    # At 0.5: pred [1, 1, 0, 1, 0, 0]; both classes have IoU 2 / 4.
-    assert out["miou"] == pytest.approx(0.5)
+    assert out["maxf"] == pytest.approx(1.0)
+    # At 0.5 (p > 0.5 rule): pred [1, 0, 0, 0]; IoU salient 1/2, background 2/3.
+    assert out["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2)
 
 
-def numpy_maxf(prob, gt, step=0.01, b2=0.3):
-    """Independent reference: loop over thresholds with explicit counts."""
+def test_saliency_default_threshold_step_is_0_05():
+    # Salient at 0.93 and 0.2, background at 0.91 (P = 2). Step 0.05: t <= 0.2 takes all three
+    # (precision 2/3, recall 1, F = 1.3 * 2/3 / 1.2 = 13/18); 0.25 .. 0.9 takes {0.93, 0.91}
+    # (1/2, 1/2, F = 1/2); 0.95 none. Step 0.01 reaches t = 0.92: {0.93}, F = 0.65 / 0.8.
+    prob = np.array([[[0.93, 0.91, 0.2]]])
+    gt = torch.tensor([[[1, 0, 1]]])
+    coarse, fine = SaliencyAccumulator(), SaliencyAccumulator(step=0.01)
+    for acc in (coarse, fine):
+        acc.update(saliency_logits(prob), gt)
+    assert len(coarse.thresholds) == 19
+    assert coarse.compute()["maxf"] == pytest.approx(13 / 18)
+    assert fine.compute()["maxf"] == pytest.approx(13 / 16)
+    assert build_task("saliency").new_accumulator().step == 0.05
+
+
+def numpy_maxf(prob, gt, step=0.05, b2=0.3):
+    """Independent reference: loop over thresholds with explicit counts (p >= t)."""
     keep = gt != -1
     p, g = prob[keep], gt[keep]
     best = 0.0
     for k in range(1, round(1 / step)):
-        pos = p > k * step
+        pos = p >= k * step
         tp = np.sum(pos & (g == 1))
         prec = tp / pos.sum() if pos.sum() else 0.0
         rec = tp / np.sum(g == 1)
@@ -225,10 +241,13 @@ def test_saliency_random_against_numpy():
     rng = np.random.default_rng(3)
     gt = rng.integers(-1, 2, size=(2, 6, 7))
     prob = np.clip(0.35 * gt + rng.uniform(0, 0.65, size=gt.shape), 0.001, 0.999)
-    prob = np.round(prob, 3) + 0.0004  # keep clear of the 0.01 threshold grid
+    prob = np.round(prob, 3) + 0.0004  # keep clear of the threshold grid
     acc = SaliencyAccumulator()
     acc.update(saliency_logits(prob), torch.as_tensor(gt))
     assert acc.compute()["maxf"] == pytest.approx(numpy_maxf(prob, gt))
+    fine = SaliencyAccumulator(step=0.01)
+    fine.update(saliency_logits(prob), torch.as_tensor(gt))
+    assert fine.compute()["maxf"] == pytest.approx(numpy_maxf(prob, gt, step=0.01))
 
 
 def test_saliency_without_positive_pixels_is_nan():

@@ -133,7 +133,7 @@ class SaliencyTask(ClassSegmentationTask):
     """Binary saliency as 2-class segmentation; metrics maxF (beta^2) and 2-class mIoU."""
 
     num_classes: int = 2
-    step: float = 0.01
+    step: float = 0.05  # maxF threshold step of the published PASCAL-MT evaluation
     beta2: float = 0.3
 
     DIRECTIONS: ClassVar[Directions] = (("maxf", True), ("miou", True))
