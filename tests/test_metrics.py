@@ -256,10 +256,70 @@ def test_saliency_without_positive_pixels_is_nan():
     assert math.isnan(acc.compute()["maxf"])
 
 
+# ---------------------------------------------------------------- per-image protocol
+
+
+def test_per_image_depth_hand_computed_and_unlike_pooled():
+    # Image 0: valid gt 1, 2, 4 with errors 1, 0, 2: abs 1, rel (1 + 0 + 0.5) / 3 = 0.5.
+    # Image 1: one valid pixel gt 2, error 3: abs 3, rel 1.5. Image 2: no valid pixel, skipped.
+    gt = torch.tensor([[[1.0, 2.0], [0.0, 4.0]], [[2.0, 0.0], [0.0, 0.0]], [[0.0] * 2] * 2])
+    pred = torch.tensor([[[2.0, 2.0], [5.0, 2.0]], [[5.0, 9.0], [9.0, 9.0]], [[1.0] * 2] * 2])
+    per_image = build_task("depth", protocol="per_image").new_accumulator()
+    per_image.update(pred[:, None], gt[:, None])
+    assert per_image.compute() == pytest.approx({"abs_err": 2.0, "rel_err": 1.0})
+    pooled = build_task("depth").new_accumulator()  # 4 valid pixels: 6 / 4 and 3 / 4
+    pooled.update(pred[:, None], gt[:, None])
+    assert pooled.compute() == pytest.approx({"abs_err": 1.5, "rel_err": 0.75})
+
+
+def _tilted(deg: float) -> list[float]:
+    """A unit vector ``deg`` degrees from +z (in the x-z plane)."""
+    r = math.radians(deg)
+    return [math.sin(r), 0.0, math.cos(r)]
+
+
+def test_per_image_normal_hand_computed():
+    # Image 0: angles 0, 90, 20 (+ one invalid pixel): mean 110/3, median 20, within 11.25 /
+    # 22.5 / 30: 1/3, 2/3, 2/3. Image 1: angles 10, 25 (+ two invalid): mean 17.5, median 10
+    # (the lower middle value, as torch.median; numpy would say 17.5), within 1/2, 1/2, 1.
+    # Image 2: no valid normal, skipped.
+    angles = [[0, 90, 20, None], [10, 25, None, None], [None] * 4]
+    pred = torch.tensor([[_tilted(45.0 if a is None else a) for a in img] for img in angles], dtype=torch.float64)
+    gt = torch.tensor(
+        [[[0.0, 0.0, 1.0] if a is not None else [0.0] * 3 for a in img] for img in angles],
+        dtype=torch.float64,
+    )
+    # (B, 4, 3) -> (B, 3, 2, 2)
+    pred, gt = (x.permute(0, 2, 1).reshape(3, 3, 2, 2) for x in (pred, gt))
+    acc = build_task("normal", protocol="per_image").new_accumulator()
+    acc.update(pred, gt)
+    expected = {
+        "mean_deg": (110 / 3 + 17.5) / 2,
+        "median_deg": (20 + 10) / 2,
+        "within_11_25": (1 / 3 + 1 / 2) / 2,
+        "within_22_5": (2 / 3 + 1 / 2) / 2,
+        "within_30": (2 / 3 + 1) / 2,
+    }
+    assert acc.compute() == pytest.approx(expected, abs=1e-6)
+    assert math.isnan(
+        build_task("normal", protocol="per_image").new_accumulator().compute()["mean_deg"]
+    )
+
+
+def test_protocol_applies_to_dense_tasks_only_and_is_checked():
+    assert (
+        build_task("semantic", num_classes=3, protocol="per_image").new_accumulator().state_size
+        == 9
+    )
+    with pytest.raises(ValueError, match="depth: unknown protocol 'image'"):
+        build_task("depth", protocol="image")
+
+
 # ---------------------------------------------------------------- exact accumulation
 
 
 def random_batch(task: str, n: int, rng: torch.Generator, h: int = 5, w: int = 6):
+    task = task.partition(":")[0]
     if task == "semantic":
         return torch.randn(n, 4, h, w, generator=rng), torch.randint(
             -1, 4, (n, h, w), generator=rng
@@ -284,11 +344,24 @@ def random_batch(task: str, n: int, rng: torch.Generator, h: int = 5, w: int = 6
     return torch.randn(n, 3, h, w, generator=rng), gt
 
 
-TASKS = ["semantic", "human_parts", "saliency", "depth", "normal"]
+# "<task>:per_image": the task's accumulator under the per-image protocol.
+TASKS = [
+    "semantic",
+    "human_parts",
+    "saliency",
+    "depth",
+    "normal",
+    "depth:per_image",
+    "normal:per_image",
+]
 
 
 def make_acc(task):
-    return build_task(task, num_classes=4 if task == "semantic" else None).new_accumulator()
+    name, _, protocol = task.partition(":")
+    spec = build_task(
+        name, num_classes=4 if name == "semantic" else None, protocol=protocol or "pooled"
+    )
+    return spec.new_accumulator()
 
 
 @pytest.mark.parametrize("task", TASKS)
