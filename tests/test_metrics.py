@@ -284,7 +284,9 @@ def test_per_image_normal_hand_computed():
     # (the lower middle value, as torch.median; numpy would say 17.5), within 1/2, 1/2, 1.
     # Image 2: no valid normal, skipped.
     angles = [[0, 90, 20, None], [10, 25, None, None], [None] * 4]
-    pred = torch.tensor([[_tilted(45.0 if a is None else a) for a in img] for img in angles], dtype=torch.float64)
+    pred = torch.tensor(
+        [[_tilted(45.0 if a is None else a) for a in img] for img in angles], dtype=torch.float64
+    )
     gt = torch.tensor(
         [[[0.0, 0.0, 1.0] if a is not None else [0.0] * 3 for a in img] for img in angles],
         dtype=torch.float64,

@@ -237,7 +237,7 @@ def _gloo_worker(rank: int, port: int, out_dir: str) -> None:
             net = DistributedDataParallel(module)
             out[kind] = _step(kind, net, module, [shard], ctx.world_size)
         # DWA's epoch losses are the loop's per-rank means reduced over ranks.
-        local = {t: float(v) for t, v in zip(TASKS, task_losses(Net(), *shard), strict=True)}
+        local = {t: v.item() for t, v in zip(TASKS, task_losses(Net(), *shard), strict=True)}
         out["epoch_losses"] = _mean_across_workers(local, ctx)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
@@ -253,7 +253,7 @@ def test_two_gloo_ranks_equal_one_process_with_the_whole_batch(tmp_path):
             g, own = rank[kind]
             for a, b in zip(g + own, want + want_own, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=kind)
-    whole = [float(v) for v in task_losses(Net(), x, ys)]
+    whole = [v.item() for v in task_losses(Net(), x, ys)]
     for rank in got:  # equal shards: the mean of the ranks' means is the whole batch's mean
         assert list(rank["epoch_losses"].values()) == pytest.approx(
             [whole[TASKS.index(t)] for t in rank["epoch_losses"]]

@@ -332,20 +332,8 @@ def fit(
                 "epoch": epoch + 1,
             }
         )
-        _report_epoch(
-            cfg,
-            ctx,
-            model,
-            optimizer,
-            scheduler,
-            epoch,
-            step,
-            metrics,
-            val_ds,
-            tasks,
-            observer,
-            extra_state={"weighting": weighting.export_state()},
-        )
+        report = (cfg, ctx, model, optimizer, scheduler, epoch, step, metrics, val_ds, tasks)
+        _report_epoch(*report, observer, more={"weighting": weighting.export_state()})
         if ctx.is_main:
             log(_epoch_line(epoch, t_cfg.epochs, metrics))
     if ctx.is_main and observer is not None:
@@ -516,18 +504,7 @@ def _mean_across_workers(values: dict[str, float], ctx: WorkerContext) -> dict[s
 
 
 def _report_epoch(
-    cfg,
-    ctx,
-    model,
-    optimizer,
-    scheduler,
-    epoch,
-    step,
-    metrics,
-    val_ds,
-    tasks,
-    observer,
-    extra_state=None,
+    cfg, ctx, model, optimizer, scheduler, epoch, step, metrics, val_ds, tasks, observer, more=None
 ) -> None:
     if not ctx.is_main:
         ctx.report(metrics, None)
@@ -536,7 +513,7 @@ def _report_epoch(
         save_adapter(model, d / "adapter", overwrite=True)
         extra: dict[str, Any] = {
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-            **(extra_state or {}),
+            **(more or {}),  # e.g. the task weighting's state
         }
         if observer is not None:
             last = epoch + 1 == cfg.train.epochs

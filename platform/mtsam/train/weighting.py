@@ -92,12 +92,13 @@ class Weighting(nn.Module):
     ) -> torch.Tensor:
         """sum_t prior_t * w_t * scale_t * L_t + share * regulariser: one micro-batch's loss."""
         w = self.weights_now()
-        total = sum(self.prior[t] * w[t] * scales[t] * losses[t] for t in self.tasks)
+        total = sum(self.prior[t] * w[t] * losses[t] * scales[t] for t in self.tasks)
         return total + share * self.regularizer()  # type: ignore[return-value]
 
     def current(self) -> dict[str, float]:
         """prior_t * w_t as plain floats."""
-        return {t: self.prior[t] * float(w) for t, w in self.weights_now().items()}
+        now = self.weights_now()
+        return {t: self.prior[t] * float(torch.as_tensor(w).detach()) for t, w in now.items()}
 
     def finish_step(self, world_size: int = 1, step: int = 0) -> None:
         """After a step's micro-batches: average this strategy's own gradients over workers."""
@@ -240,7 +241,7 @@ class PCGradWeighting(Weighting):
     ) -> None:
         """Add one micro-batch's per-task gradients (prior * scale * L_t) and the gradient of
         ``extra`` (not projected, e.g. an adapter's regulariser) to the step's sums."""
-        terms = [self.prior[t] * scales[t] * losses[t] for t in self.tasks]
+        terms = [self.prior[t] * losses[t] * scales[t] for t in self.tasks]
         if torch.is_tensor(extra) and extra.requires_grad:
             terms.append(extra)
         rows = []
