@@ -226,7 +226,17 @@ def _step(kind: str, net: nn.Module, module: Net, parts, world: int, step: int =
     return grads(module), [p.grad.clone() for p in w.parameters()]
 
 
-def _gloo_worker(rank: int, port: int, out_dir: str) -> None:
+def _gloo_worker(rank: int, port: int, out_dir: str, cfg) -> None:
+    import mtsam.train.loop as loop
+
+    trainable: list[torch.Tensor] = []
+    real_build = loop.build_weighting
+
+    def build(*args, **kwargs):  # keep a handle on the model's trainable parameters
+        trainable.extend(kwargs["options"].params)
+        return real_build(*args, **kwargs)
+
+    loop.build_weighting = build
     with gloo_rank(rank, port) as ctx:
         x, ys = data(8)
         lo, hi = (0, 4) if rank == 0 else (4, 8)
@@ -239,11 +249,18 @@ def _gloo_worker(rank: int, port: int, out_dir: str) -> None:
         # DWA's epoch losses are the loop's per-rank means reduced over ranks.
         local = {t: v.item() for t, v in zip(TASKS, task_losses(Net(), *shard), strict=True)}
         out["epoch_losses"] = _mean_across_workers(local, ctx)
+        # The loop's own PCGrad path (it bypasses DDP and all-reduces per-task gradients).
+        loop.fit(cfg, ctx, log=lambda *_: None)
+        out["fit"] = [p.detach().clone() for p in trainable]
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_two_gloo_ranks_equal_one_process_with_the_whole_batch(tmp_path):
-    mp.spawn(_gloo_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    from mtsam.train.loop import data_root
+
+    cfg = _tiny_run(tmp_path / "run", "pcgrad", "train.epochs=1", "train.max_steps_per_epoch=1")
+    data_root(cfg)  # generate the scenes once, before the ranks read them
+    mp.spawn(_gloo_worker, args=(free_port(), str(tmp_path), cfg), nprocs=2, join=True)
     x, ys = data(8)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for kind in WEIGHTINGS:
@@ -254,6 +271,8 @@ def test_two_gloo_ranks_equal_one_process_with_the_whole_batch(tmp_path):
             for a, b in zip(g + own, want + want_own, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=kind)
     whole = [v.item() for v in task_losses(Net(), x, ys)]
+    # The loop's PCGrad step left the model the same on both ranks.
+    assert all(torch.equal(a, b) for a, b in zip(got[0]["fit"], got[1]["fit"], strict=True))
     for rank in got:  # equal shards: the mean of the ranks' means is the whole batch's mean
         assert list(rank["epoch_losses"].values()) == pytest.approx(
             [whole[TASKS.index(t)] for t in rank["epoch_losses"]]
@@ -301,18 +320,13 @@ def test_weighting_is_a_config_choice_and_a_search_space_choice():
 # ---------------------------------------------------------------- the training loop
 
 
-@pytest.mark.parametrize("kind", ["dwa", "uncertainty", "pcgrad"])
-def test_fit_logs_the_weights_and_checkpoints_the_strategy(kind, tmp_path):
-    from mtsam.train.context import local_context
-    from mtsam.train.loop import fit
-    from mtsam.train.state import load_train_state
-
-    torch.set_num_threads(1)
-    cfg = build_config(
+def _tiny_run(out, kind: str, *extra: str):
+    """A few steps of tiny mSAM + ToRA on 8 generated 32 x 32 scenes, batch 2."""
+    return build_config(
         {},
         [
             "tracking.enabled=false",
-            f"output_dir={tmp_path}",
+            f"output_dir={out}",
             "data.scenes.num_train=8",
             "data.scenes.num_val=2",
             "data.scenes.height=32",
@@ -323,8 +337,19 @@ def test_fit_logs_the_weights_and_checkpoints_the_strategy(kind, tmp_path):
             "train.epochs=3",
             "train.vis_samples=0",
             f"train.weighting={kind}",
+            *extra,
         ],
     )
+
+
+@pytest.mark.parametrize("kind", ["dwa", "uncertainty", "pcgrad"])
+def test_fit_logs_the_weights_and_checkpoints_the_strategy(kind, tmp_path):
+    from mtsam.train.context import local_context
+    from mtsam.train.loop import fit
+    from mtsam.train.state import load_train_state
+
+    torch.set_num_threads(1)
+    cfg = _tiny_run(tmp_path, kind)
     ctx = local_context(tmp_path / "ckpt")
     fit(cfg, ctx, log=lambda *_: None)
     reports = ctx.reports
