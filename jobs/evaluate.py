@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                 if not ckpt.is_dir():
                     raise FileNotFoundError(f"--checkpoint {ckpt}: no such folder")
                 cfg, state = _checkpoint_config(ckpt, args.config, args.set, args.base_checkpoint)
-                tasks = build_tasks(cfg.data.tasks, num_classes=cfg.data.classes)
+                tasks = build_tasks(
+                    cfg.data.tasks, num_classes=cfg.data.classes, protocol=cfg.data.eval_protocol
+                )
                 model = _model_from_checkpoint(cfg, state, ckpt, tasks)
             shown = args.checkpoint.rstrip("/").rsplit("/", 1)[-1]
             name = f"{shown} (epoch {state['epoch'] + 1})"
@@ -234,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
 
             _refuse_model_overrides(args.set)
             cfg = load_cli_config(args.config or DEFAULT_CONFIG, args.set)
-            tasks = build_tasks(cfg.data.tasks, num_classes=cfg.data.classes)
+            tasks = build_tasks(
+                cfg.data.tasks, num_classes=cfg.data.classes, protocol=cfg.data.eval_protocol
+            )
             base = args.base_checkpoint or cfg.model.checkpoint
             model = _model_from_adapter(args.adapter, base=base, cfg=cfg)
             name = Path(args.adapter).name if "/" in args.adapter else args.adapter

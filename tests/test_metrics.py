@@ -193,26 +193,42 @@ def saliency_logits(prob: np.ndarray) -> torch.Tensor:
 
 
 def test_saliency_maxf_tiny_case():
-    # Positives at thresholds in (0.605, 0.805]: {0.905, 0.805}, all salient; P = 3 salient
-    # pixels: precision 1, recall 2/3, F = 1.3 * 2/3 / (0.3 + 2/3) = 26/29, the maximum
-    # (at (0.305, 0.605]: p = r = 2/3, F = 2/3; at (0.205, 0.305]: p = 3/4, r = 1, F = 39/49).
-    prob = np.array([[[0.905, 0.805, 0.305, 0.605, 0.205, 0.055, 0.7]]])
-    gt = torch.tensor([[[1, 1, 1, 0, 0, 0, -1]]])
+    # Thresholds 0.05 .. 0.95, prediction >= threshold. At t = 0.5 the positives are {0.9, 0.5},
+    # both salient: precision 1, recall 1, maxF = 1. With p > t the best is t = 0.5 .. 0.85:
+    # {0.9} alone, precision 1, recall 1/2, F = 1.3 * 0.5 / (0.3 + 0.5) = 0.8125 (at t = 0.45
+    # the 0.48 joins: precision 2/3, recall 1, F = 1.3 * 2/3 / 1.2 = 0.722).
+    prob = np.array([[[0.9, 0.5, 0.48, 0.1, 0.7]]])
+    gt = torch.tensor([[[1, 1, 0, 0, -1]]])
     acc = SaliencyAccumulator()
     acc.update(saliency_logits(prob), gt)
     out = acc.compute()
-    assert out["maxf"] == pytest.approx(26 / 29)
-    # At 0.5: pred [1, 1, 0, 1, 0, 0]; both classes have IoU 2 / 4.
-    assert out["miou"] == pytest.approx(0.5)
+    assert out["maxf"] == pytest.approx(1.0)
+    # At 0.5 (p > 0.5 rule): pred [1, 0, 0, 0]; IoU salient 1/2, background 2/3.
+    assert out["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2)
 
 
-def numpy_maxf(prob, gt, step=0.01, b2=0.3):
-    """Independent reference: loop over thresholds with explicit counts."""
+def test_saliency_default_threshold_step_is_0_05():
+    # Salient at 0.93 and 0.2, background at 0.91 (P = 2). Step 0.05: t <= 0.2 takes all three
+    # (precision 2/3, recall 1, F = 1.3 * 2/3 / 1.2 = 13/18); 0.25 .. 0.9 takes {0.93, 0.91}
+    # (1/2, 1/2, F = 1/2); 0.95 none. Step 0.01 reaches t = 0.92: {0.93}, F = 0.65 / 0.8.
+    prob = np.array([[[0.93, 0.91, 0.2]]])
+    gt = torch.tensor([[[1, 0, 1]]])
+    coarse, fine = SaliencyAccumulator(), SaliencyAccumulator(step=0.01)
+    for acc in (coarse, fine):
+        acc.update(saliency_logits(prob), gt)
+    assert len(coarse.thresholds) == 19
+    assert coarse.compute()["maxf"] == pytest.approx(13 / 18)
+    assert fine.compute()["maxf"] == pytest.approx(13 / 16)
+    assert build_task("saliency").new_accumulator().step == 0.05
+
+
+def numpy_maxf(prob, gt, step=0.05, b2=0.3):
+    """Independent reference: loop over thresholds with explicit counts (p >= t)."""
     keep = gt != -1
     p, g = prob[keep], gt[keep]
     best = 0.0
     for k in range(1, round(1 / step)):
-        pos = p > k * step
+        pos = p >= k * step
         tp = np.sum(pos & (g == 1))
         prec = tp / pos.sum() if pos.sum() else 0.0
         rec = tp / np.sum(g == 1)
@@ -225,10 +241,13 @@ def test_saliency_random_against_numpy():
     rng = np.random.default_rng(3)
     gt = rng.integers(-1, 2, size=(2, 6, 7))
     prob = np.clip(0.35 * gt + rng.uniform(0, 0.65, size=gt.shape), 0.001, 0.999)
-    prob = np.round(prob, 3) + 0.0004  # keep clear of the 0.01 threshold grid
+    prob = np.round(prob, 3) + 0.0004  # keep clear of the threshold grid
     acc = SaliencyAccumulator()
     acc.update(saliency_logits(prob), torch.as_tensor(gt))
     assert acc.compute()["maxf"] == pytest.approx(numpy_maxf(prob, gt))
+    fine = SaliencyAccumulator(step=0.01)
+    fine.update(saliency_logits(prob), torch.as_tensor(gt))
+    assert fine.compute()["maxf"] == pytest.approx(numpy_maxf(prob, gt, step=0.01))
 
 
 def test_saliency_without_positive_pixels_is_nan():
@@ -237,10 +256,72 @@ def test_saliency_without_positive_pixels_is_nan():
     assert math.isnan(acc.compute()["maxf"])
 
 
+# ---------------------------------------------------------------- per-image protocol
+
+
+def test_per_image_depth_hand_computed_and_unlike_pooled():
+    # Image 0: valid gt 1, 2, 4 with errors 1, 0, 2: abs 1, rel (1 + 0 + 0.5) / 3 = 0.5.
+    # Image 1: one valid pixel gt 2, error 3: abs 3, rel 1.5. Image 2: no valid pixel, skipped.
+    gt = torch.tensor([[[1.0, 2.0], [0.0, 4.0]], [[2.0, 0.0], [0.0, 0.0]], [[0.0] * 2] * 2])
+    pred = torch.tensor([[[2.0, 2.0], [5.0, 2.0]], [[5.0, 9.0], [9.0, 9.0]], [[1.0] * 2] * 2])
+    per_image = build_task("depth", protocol="per_image").new_accumulator()
+    per_image.update(pred[:, None], gt[:, None])
+    assert per_image.compute() == pytest.approx({"abs_err": 2.0, "rel_err": 1.0})
+    pooled = build_task("depth").new_accumulator()  # 4 valid pixels: 6 / 4 and 3 / 4
+    pooled.update(pred[:, None], gt[:, None])
+    assert pooled.compute() == pytest.approx({"abs_err": 1.5, "rel_err": 0.75})
+
+
+def _tilted(deg: float) -> list[float]:
+    """A unit vector ``deg`` degrees from +z (in the x-z plane)."""
+    r = math.radians(deg)
+    return [math.sin(r), 0.0, math.cos(r)]
+
+
+def test_per_image_normal_hand_computed():
+    # Image 0: angles 0, 90, 20 (+ one invalid pixel): mean 110/3, median 20, within 11.25 /
+    # 22.5 / 30: 1/3, 2/3, 2/3. Image 1: angles 10, 25 (+ two invalid): mean 17.5, median 10
+    # (the lower middle value, as torch.median; numpy would say 17.5), within 1/2, 1/2, 1.
+    # Image 2: no valid normal, skipped.
+    angles = [[0, 90, 20, None], [10, 25, None, None], [None] * 4]
+    pred = torch.tensor(
+        [[_tilted(45.0 if a is None else a) for a in img] for img in angles], dtype=torch.float64
+    )
+    gt = torch.tensor(
+        [[[0.0, 0.0, 1.0] if a is not None else [0.0] * 3 for a in img] for img in angles],
+        dtype=torch.float64,
+    )
+    # (B, 4, 3) -> (B, 3, 2, 2)
+    pred, gt = (x.permute(0, 2, 1).reshape(3, 3, 2, 2) for x in (pred, gt))
+    acc = build_task("normal", protocol="per_image").new_accumulator()
+    acc.update(pred, gt)
+    expected = {
+        "mean_deg": (110 / 3 + 17.5) / 2,
+        "median_deg": (20 + 10) / 2,
+        "within_11_25": (1 / 3 + 1 / 2) / 2,
+        "within_22_5": (2 / 3 + 1 / 2) / 2,
+        "within_30": (2 / 3 + 1) / 2,
+    }
+    assert acc.compute() == pytest.approx(expected, abs=1e-6)
+    assert math.isnan(
+        build_task("normal", protocol="per_image").new_accumulator().compute()["mean_deg"]
+    )
+
+
+def test_protocol_applies_to_dense_tasks_only_and_is_checked():
+    assert (
+        build_task("semantic", num_classes=3, protocol="per_image").new_accumulator().state_size
+        == 9
+    )
+    with pytest.raises(ValueError, match="depth: unknown protocol 'image'"):
+        build_task("depth", protocol="image")
+
+
 # ---------------------------------------------------------------- exact accumulation
 
 
 def random_batch(task: str, n: int, rng: torch.Generator, h: int = 5, w: int = 6):
+    task = task.partition(":")[0]
     if task == "semantic":
         return torch.randn(n, 4, h, w, generator=rng), torch.randint(
             -1, 4, (n, h, w), generator=rng
@@ -265,11 +346,24 @@ def random_batch(task: str, n: int, rng: torch.Generator, h: int = 5, w: int = 6
     return torch.randn(n, 3, h, w, generator=rng), gt
 
 
-TASKS = ["semantic", "human_parts", "saliency", "depth", "normal"]
+# "<task>:per_image": the task's accumulator under the per-image protocol.
+TASKS = [
+    "semantic",
+    "human_parts",
+    "saliency",
+    "depth",
+    "normal",
+    "depth:per_image",
+    "normal:per_image",
+]
 
 
 def make_acc(task):
-    return build_task(task, num_classes=4 if task == "semantic" else None).new_accumulator()
+    name, _, protocol = task.partition(":")
+    spec = build_task(
+        name, num_classes=4 if name == "semantic" else None, protocol=protocol or "pooled"
+    )
+    return spec.new_accumulator()
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -182,6 +182,14 @@ class DataConfig(_Section):
         description="Single-task baseline {task: {metric: value}} for delta_m, in the units "
         "the metrics are logged in (fractions such as miou 0.42, not percent).",
     )
+    eval_protocol: Literal["pooled", "per_image"] = Field(
+        "pooled",
+        description="How depth and normal metrics are averaged: 'pooled' over every valid "
+        "pixel of the split (LibMTL's benchmark tables) or 'per_image' (per-image errors and "
+        "normal medians, then the mean over images: the MTSAM authors' batch-1 evaluation). "
+        "mIoU, pixel accuracy and saliency maxF are pooled in both. A baseline must be "
+        "measured under the same protocol.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -230,7 +238,20 @@ class TrainConfig(_Section):
     grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm (None: no clip).")
     task_weights: dict[str, float] = Field(
         default_factory=dict,
-        description="Loss weight per task (missing tasks weigh 1); normalised to sum 1.",
+        description="Loss weight per task (missing tasks weigh 1); normalised to sum 1. With "
+        "another train.weighting they are a fixed prior, normalised to mean 1, multiplying "
+        "that strategy's weights (leave them out or equal for the published methods).",
+    )
+    weighting: Literal["fixed", "dwa", "uncertainty", "pcgrad"] = Field(
+        "fixed",
+        description="Task weighting: 'fixed' (train.task_weights), 'dwa' (Dynamic Weight "
+        "Average: T * softmax of the ratio of the last two epochs' mean losses / "
+        "train.dwa_temperature; equal for the first two epochs), 'uncertainty' (learned log "
+        "variances s_t: sum_t L_t / (2 exp(s_t)) + s_t / 2) or 'pcgrad' (per-task gradients of "
+        "the shared encoder parameters projected off each other's conflicting directions).",
+    )
+    dwa_temperature: float = Field(
+        2.0, gt=0, description="Softmax temperature of train.weighting = 'dwa'."
     )
     stacked: bool = Field(
         True, description="Run the T tasks as one stacked encoder batch (else one at a time)."

@@ -13,7 +13,12 @@ Typical use::
 from mtsam.tasks.accumulator import MetricAccumulator, all_reduce_
 from mtsam.tasks.checks import IGNORE_INDEX, TaskInputError
 from mtsam.tasks.delta_m import delta_m
-from mtsam.tasks.dense_metrics import DepthAccumulator, NormalAccumulator
+from mtsam.tasks.dense_metrics import (
+    DepthAccumulator,
+    NormalAccumulator,
+    PerImageDepthAccumulator,
+    PerImageNormalAccumulator,
+)
 from mtsam.tasks.losses import cosine_valid, l1_valid, nll_ignore
 from mtsam.tasks.registry import (
     DATASET_CLASS_TASKS,
@@ -26,6 +31,7 @@ from mtsam.tasks.registry import (
 from mtsam.tasks.saliency_metrics import SaliencyAccumulator
 from mtsam.tasks.segmentation_metrics import ConfusionAccumulator, miou_and_accuracy
 from mtsam.tasks.spec import (
+    PROTOCOLS,
     ClassSegmentationTask,
     DepthTask,
     NormalTask,
@@ -36,6 +42,7 @@ from mtsam.tasks.spec import (
 __all__ = [
     "DATASET_CLASS_TASKS",
     "IGNORE_INDEX",
+    "PROTOCOLS",
     "TASK_KINDS",
     "ClassSegmentationTask",
     "ConfusionAccumulator",
@@ -44,6 +51,8 @@ __all__ = [
     "MetricAccumulator",
     "NormalAccumulator",
     "NormalTask",
+    "PerImageDepthAccumulator",
+    "PerImageNormalAccumulator",
     "SaliencyAccumulator",
     "SaliencyTask",
     "TaskInputError",

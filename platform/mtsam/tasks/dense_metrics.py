@@ -116,3 +116,79 @@ class NormalAccumulator(MetricAccumulator):
         k = int(torch.searchsorted(cum, torch.tensor(float(rank), dtype=cum.dtype), right=True))
         before = float(cum[k] - hist[k])
         return (k + (rank - before + 0.5) / float(hist[k])) * self.bin_deg
+
+
+class PerImageDepthAccumulator(MetricAccumulator):
+    """Depth errors per image, then averaged over images (the MTSAM authors' protocol).
+
+    For each image with at least one valid pixel: abs_err_i = mean |pred - gt| and rel_err_i =
+    mean |pred - gt| / gt over its valid pixels; the metrics are the means of these over those
+    images (an image without a valid pixel is skipped: the reference would divide by zero).
+    State: [images, sum abs_err_i, sum rel_err_i], exact to sum across batches and workers.
+    update(pred (B, 1, H, W), target (B, 1, H, W)). NaN when no image had a valid pixel.
+    """
+
+    def __init__(self, *, task: str = "depth") -> None:
+        super().__init__(task=task)
+
+    @property
+    def state_size(self) -> int:
+        return 3
+
+    def _statistics(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        check_dense_target(logits, target, task=self.task, channels=1)
+        valid = depth_valid_mask(target).flatten(1)  # (B, H*W)
+        gt = target.flatten(1).to(torch.float64)
+        err = (logits.flatten(1).to(torch.float64) - gt).abs()
+        n = valid.sum(dim=1).to(torch.float64)
+        seen = n > 0
+        abs_i = torch.where(valid, err, 0.0).sum(dim=1)[seen] / n[seen]
+        rel_i = torch.where(valid, err / torch.where(valid, gt, 1.0), 0.0).sum(dim=1)[seen]
+        rel_i = rel_i / n[seen]
+        return torch.stack([seen.sum().to(torch.float64), abs_i.sum(), rel_i.sum()])
+
+    def _metrics(self, state: torch.Tensor) -> dict[str, float]:
+        images, abs_sum, rel_sum = (float(v) for v in state)
+        if images == 0:
+            return {"abs_err": math.nan, "rel_err": math.nan}
+        return {"abs_err": abs_sum / images, "rel_err": rel_sum / images}
+
+
+class PerImageNormalAccumulator(NormalAccumulator):
+    """Angle statistics per image, then averaged over images (the MTSAM authors' protocol).
+
+    For each image with at least one valid normal: its mean angle, its median angle (exact,
+    the lower of the two middle values for an even count, as ``torch.median`` gives in the
+    authors' evaluation) and its fractions within 11.25 / 22.5 / 30 degrees; each metric is the
+    mean of these over those images. State: [images, sum mean_i, sum median_i, 3 sums of
+    fractions], exact to sum across batches and workers. Images without a valid normal are
+    skipped. update(pred (B, 3, H, W), target (B, 3, H, W)).
+    """
+
+    def __init__(self, *, task: str = "normal") -> None:
+        super().__init__(task=task)
+
+    @property
+    def state_size(self) -> int:
+        return 3 + len(NORMAL_THRESHOLDS_DEG)
+
+    def _statistics(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for b in range(logits.shape[0]):
+            ang = self.angles_deg(logits[b : b + 1], target[b : b + 1])
+            if ang.numel() == 0:
+                continue
+            within = [(ang < t).to(torch.float64).mean() for t in NORMAL_THRESHOLDS_DEG]
+            rows.append(torch.stack([ang.mean(), ang.median(), *within]))
+        out = torch.zeros(self.state_size, dtype=torch.float64, device=logits.device)
+        if rows:
+            out[0] = len(rows)
+            out[1:] = torch.stack(rows).sum(dim=0)
+        return out
+
+    def _metrics(self, state: torch.Tensor) -> dict[str, float]:
+        images = float(state[0])
+        names = ("mean_deg", "median_deg", *NORMAL_WITHIN_NAMES)
+        if images == 0:
+            return dict.fromkeys(names, math.nan)
+        return {name: float(v) / images for name, v in zip(names, state[1:], strict=True)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
@@ -12,6 +13,7 @@ from mtsam.tasks.spec import (
     NormalTask,
     SaliencyTask,
     TaskSpec,
+    _check_protocol,
 )
 
 HUMAN_PARTS_CLASSES = 7  # PASCAL-MT: background + 6 parts
@@ -64,21 +66,31 @@ def _lookup(name: str, table: Mapping[str, object]) -> None:
         raise ValueError(f"unknown task {name!r}; known tasks: {sorted(table)}")
 
 
-def build_task(name: str, *, num_classes: int | None = None) -> TaskSpec:
+def build_task(name: str, *, num_classes: int | None = None, protocol: str = "pooled") -> TaskSpec:
     """The spec of task ``name``; ``num_classes`` is the class count of a classification task
     (required for ``semantic``, 7 by default for ``human_parts``; fixed tasks accept only their
-    own channel count or None)."""
+    own channel count or None). ``protocol`` ("pooled" or "per_image") is the evaluation
+    protocol of the tasks that have one (depth, normal); class metrics are always pooled."""
     _lookup(name, TASK_KINDS)
-    return TASK_KINDS[name](num_classes)
+    _check_protocol(name, protocol)
+    spec = TASK_KINDS[name](num_classes)
+    if any(f.name == "protocol" for f in dataclasses.fields(spec)):
+        spec = dataclasses.replace(spec, protocol=protocol)  # type: ignore[type-var]
+    return spec
 
 
-def build_tasks(names: Sequence[str], *, num_classes: int | None = None) -> tuple[TaskSpec, ...]:
+def build_tasks(
+    names: Sequence[str], *, num_classes: int | None = None, protocol: str = "pooled"
+) -> tuple[TaskSpec, ...]:
     """Specs for a dataset's task list, in order; ``num_classes`` is the dataset's *semantic*
-    class count (the other tasks take their defaults)."""
+    class count (the other tasks take their defaults); ``protocol`` as in ``build_task``."""
     if isinstance(names, str):
         names = (names,)
     return tuple(
-        build_task(n, num_classes=num_classes if n in DATASET_CLASS_TASKS else None) for n in names
+        build_task(
+            n, num_classes=num_classes if n in DATASET_CLASS_TASKS else None, protocol=protocol
+        )
+        for n in names
     )
 
 

@@ -19,20 +19,22 @@ def saliency_probability(logits: torch.Tensor) -> torch.Tensor:
 class SaliencyAccumulator(MetricAccumulator):
     """Saliency metrics: ``maxf`` and ``miou`` (both higher is better).
 
-    maxF (PASCAL-MT, beta^2 = 0.3): for each threshold t_k = k * step (k = 1 .. 1/step - 1,
-    so 0.01 .. 0.99 by default) a pixel is predicted salient when p(class 1) > t_k; TP_k, the
-    predicted positives PP_k and the ground-truth positives P are pooled over all valid pixels
-    of the split (as MTLoRA's / ATRC's ``SaliencyMeter`` pools them), precision_k = TP_k / PP_k
-    (0 when PP_k = 0), recall_k = TP_k / P, F_k = (1 + b2) prec rec / (b2 prec + rec) (0 when
-    both are 0), and maxf = max_k F_k. NaN when the split has no salient ground-truth pixel.
+    maxF as in the published PASCAL-MT evaluation (MTLoRA's ``SaliencyMeterWithBeta``, after
+    ASTMT): thresholds t_k = k * step for k = 1 .. 1/step - 1 (step 0.05 by default: 0.05 ..
+    0.95, 19 thresholds, each computed as k / (1/step) so that 0.15 is the nearest double to
+    0.15), a pixel is predicted salient when p(class 1) >= t_k; TP_k, the predicted positives
+    PP_k and the ground-truth positives P are pooled over all valid pixels of the split,
+    precision_k = TP_k / PP_k (0 when PP_k = 0), recall_k = TP_k / P, F_k = (1 + b2) prec rec /
+    (b2 prec + rec) with b2 = beta^2 = 0.3 (0 when both are 0), and maxf = max_k F_k. NaN when
+    the split has no salient ground-truth pixel (the reference would report 0 there).
     miou: 2-class mIoU at p > 0.5 (same rule as ``miou_and_accuracy``).
 
     update(logits (B, 2, H, W), target (B, H, W) int64 in {0, 1}, -1 = ignore).
-    State: histogram of "number of thresholds below p" for all valid pixels (K + 1 bins),
+    State: histogram of "number of thresholds <= p" for all valid pixels (K + 1 bins),
     the same for salient pixels (K + 1), then the 2 x 2 confusion matrix at 0.5.
     """
 
-    def __init__(self, *, task: str = "saliency", step: float = 0.01, beta2: float = 0.3) -> None:
+    def __init__(self, *, task: str = "saliency", step: float = 0.05, beta2: float = 0.3) -> None:
         count = round(1.0 / step) - 1
         if count < 1 or abs((count + 1) * step - 1.0) > 1e-9:
             raise ValueError(f"{task}: threshold step must divide 1 (e.g. 0.01, 0.05), got {step}")
@@ -40,7 +42,7 @@ class SaliencyAccumulator(MetricAccumulator):
             raise ValueError(f"{task}: beta2 must be positive, got {beta2}")
         self.step = step
         self.beta2 = beta2
-        self.thresholds = torch.arange(1, count + 1, dtype=torch.float64) * step
+        self.thresholds = torch.arange(1, count + 1, dtype=torch.float64) / (count + 1)
         super().__init__(task=task)
 
     @property
@@ -54,8 +56,8 @@ class SaliencyAccumulator(MetricAccumulator):
         valid = target != IGNORE_INDEX
         p, gt = prob[valid], target[valid]
         bins = len(self.thresholds) + 1
-        # Bucket i = number of thresholds strictly below p: p is positive at thresholds 0..i-1.
-        above = torch.bucketize(p, self.thresholds.to(p.device), right=False)
+        # Bucket i = number of thresholds <= p: p is positive (p >= t) at thresholds 0..i-1.
+        above = torch.bucketize(p, self.thresholds.to(p.device), right=True)
         hist_all = torch.bincount(above, minlength=bins)
         hist_pos = torch.bincount(above[gt == 1], minlength=bins)
         pred_half = torch.where(valid, (prob > 0.5).long(), torch.full_like(target, IGNORE_INDEX))

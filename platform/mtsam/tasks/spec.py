@@ -18,7 +18,12 @@ import torch.nn.functional as F
 
 from mtsam.tasks.accumulator import MetricAccumulator
 from mtsam.tasks.checks import IGNORE_INDEX, check_dense_target, check_label_target
-from mtsam.tasks.dense_metrics import DepthAccumulator, NormalAccumulator
+from mtsam.tasks.dense_metrics import (
+    DepthAccumulator,
+    NormalAccumulator,
+    PerImageDepthAccumulator,
+    PerImageNormalAccumulator,
+)
 from mtsam.tasks.losses import (
     cosine_valid,
     depth_valid_mask,
@@ -31,6 +36,16 @@ from mtsam.tasks.segmentation_metrics import ConfusionAccumulator
 from mtsam.tasks.visualize import draw_labels, draw_normals, draw_scalar, shared_range
 
 Directions = tuple[tuple[str, bool], ...]
+
+#: Evaluation protocols: metrics pooled over every valid pixel of the split (LibMTL), or
+#: computed per image and averaged over images (the MTSAM authors' batch-1 evaluation; only
+#: depth and normal metrics differ, class metrics stay pooled confusion matrices).
+PROTOCOLS = ("pooled", "per_image")
+
+
+def _check_protocol(name: str, protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"{name}: unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
 
 
 @dataclass(frozen=True)
@@ -133,7 +148,7 @@ class SaliencyTask(ClassSegmentationTask):
     """Binary saliency as 2-class segmentation; metrics maxF (beta^2) and 2-class mIoU."""
 
     num_classes: int = 2
-    step: float = 0.01
+    step: float = 0.05  # maxF threshold step of the published PASCAL-MT evaluation
     beta2: float = 0.3
 
     DIRECTIONS: ClassVar[Directions] = (("maxf", True), ("miou", True))
@@ -160,7 +175,12 @@ class SaliencyTask(ClassSegmentationTask):
 
 @dataclass(frozen=True)
 class DepthTask(TaskSpec):
-    """Metric (or inverse) depth: 1 channel, identity, L1 over valid pixels, abs/rel error."""
+    """Metric (or inverse) depth: 1 channel, identity, L1 over valid pixels, abs/rel error.
+
+    ``protocol``: "pooled" (errors over every valid pixel of the split) or "per_image".
+    """
+
+    protocol: str = "pooled"
 
     DIRECTIONS: ClassVar[Directions] = (("abs_err", False), ("rel_err", False))
     ACTIVATION: ClassVar[str] = "identity"
@@ -179,7 +199,12 @@ class DepthTask(TaskSpec):
     def valid_pixels(self, target: torch.Tensor) -> torch.Tensor:
         return depth_valid_mask(target).sum()
 
+    def __post_init__(self) -> None:
+        _check_protocol(self.name, self.protocol)
+
     def new_accumulator(self) -> MetricAccumulator:
+        if self.protocol == "per_image":
+            return PerImageDepthAccumulator(task=self.name)
         return DepthAccumulator(task=self.name)
 
     def visualize(
@@ -197,9 +222,14 @@ class DepthTask(TaskSpec):
 
 @dataclass(frozen=True)
 class NormalTask(TaskSpec):
-    """Surface normals: 3 channels, L2-normalised, 1 - cosine, angle statistics in degrees."""
+    """Surface normals: 3 channels, L2-normalised, 1 - cosine, angle statistics in degrees.
+
+    ``protocol``: "pooled" (statistics over every valid pixel of the split; the median from a
+    histogram of ``bin_deg`` bins) or "per_image" (exact per-image statistics, averaged).
+    """
 
     bin_deg: float = 0.01
+    protocol: str = "pooled"
 
     DIRECTIONS: ClassVar[Directions] = (
         ("mean_deg", False),
@@ -225,7 +255,12 @@ class NormalTask(TaskSpec):
     def valid_pixels(self, target: torch.Tensor) -> torch.Tensor:
         return normal_valid_mask(target).sum()
 
+    def __post_init__(self) -> None:
+        _check_protocol(self.name, self.protocol)
+
     def new_accumulator(self) -> MetricAccumulator:
+        if self.protocol == "per_image":
+            return PerImageNormalAccumulator(task=self.name)
         return NormalAccumulator(task=self.name, bin_deg=self.bin_deg)
 
     def visualize(

@@ -34,6 +34,7 @@ from mtsam.train.data import eval_loader, open_split, scenes_root, train_loader
 from mtsam.train.evaluate import autocast_for, evaluate, flat_metrics
 from mtsam.train.schedule import build_scheduler
 from mtsam.train.state import load_train_state, save_train_state, set_rng_state
+from mtsam.train.weighting import WeightingOptions, build_weighting
 
 # Fault injection for tests: "<step>:<task>" makes that task's loss NaN at that global step.
 FAULT_NAN_ENV = "MTSAM_FAULT_NAN_STEP"
@@ -155,9 +156,10 @@ def fit(
     torch.manual_seed(cfg.seed)
     device = ctx.device
     t_cfg = cfg.train
-    tasks = build_tasks(cfg.data.tasks, num_classes=cfg.data.classes)
+    tasks = build_tasks(
+        cfg.data.tasks, num_classes=cfg.data.classes, protocol=cfg.data.eval_protocol
+    )
     directions = task_metric_directions(tasks)
-    weights = cfg.weights()
 
     model = build_model(cfg, tasks=tasks, base=base)
     if cfg.model.base_dtype == "bfloat16":
@@ -165,6 +167,18 @@ def fit(
     model.activation_checkpointing = t_cfg.activation_checkpointing
     model.to(device)
     params = [p for _, p in model.trainable_named_parameters()]
+    shared = {id(p) for p in model.image_encoder.parameters()}  # PCGrad's shared parameters
+    weighting = build_weighting(
+        t_cfg.weighting,
+        cfg.data.tasks,
+        task_weights=cfg.weights(),
+        options=WeightingOptions(
+            dwa_temperature=t_cfg.dwa_temperature,
+            params=params,
+            shared=[p for p in params if id(p) in shared],
+            seed=cfg.seed,
+        ),
+    ).to(device)
     net: nn.Module = model
     if ctx.world_size > 1:
         # Some trainable tensors get no gradient in a step (unused mask-token MLPs, experts
@@ -213,7 +227,7 @@ def fit(
 
     opt_cls = torch.optim.AdamW if t_cfg.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(
-        params,
+        params + list(weighting.parameters()),  # uncertainty's log variances train too
         lr=t_cfg.lr,
         weight_decay=t_cfg.weight_decay,
         fused=device.type == "cuda" or None,
@@ -235,6 +249,7 @@ def fit(
             scheduler.load_state_dict(state["scheduler"])
             start_epoch, step = state["epoch"] + 1, state["step"]
             set_rng_state(state["rng"])
+            weighting.import_state(state["extra"].get("weighting") or {})
             final_metrics = state["extra"].get("metrics") or {}
             if observer is not None and ctx.is_main:
                 observer.load_state_dict(state["extra"].get("observer") or {})
@@ -279,7 +294,7 @@ def fit(
             model,
             loader,
             tasks,
-            weights,
+            weighting,
             optimizer,
             scheduler,
             cfg=cfg,
@@ -309,6 +324,8 @@ def fit(
         metrics = flat_metrics(results, cfg.data.baseline or None, directions)
         for k, v in stats.losses.items():  # train/loss/<task>, train/loss/total, train/orth_reg
             metrics[f"train/{k}" if k in ("orth_reg", "balance") else f"train/loss/{k}"] = v
+        metrics.update({f"train/weight/{n}": w for n, w in weighting.epoch_weights().items()})
+        weighting.end_epoch({t.name: stats.losses[t.name] for t in tasks})  # reduced over ranks
         metrics.update(
             {
                 "train/step_time_s": stats.step_time_s,
@@ -318,9 +335,8 @@ def fit(
                 "epoch": epoch + 1,
             }
         )
-        _report_epoch(
-            cfg, ctx, model, optimizer, scheduler, epoch, step, metrics, val_ds, tasks, observer
-        )
+        report = (cfg, ctx, model, optimizer, scheduler, epoch, step, metrics, val_ds, tasks)
+        _report_epoch(*report, observer, more={"weighting": weighting.export_state()})
         if ctx.is_main:
             log(_epoch_line(epoch, t_cfg.epochs, metrics))
     if ctx.is_main and observer is not None:
@@ -333,7 +349,7 @@ def _train_epoch(
     model,
     loader,
     tasks,
-    weights,
+    weighting,
     optimizer,
     scheduler,
     *,
@@ -360,10 +376,12 @@ def _train_epoch(
         for micro, batch in enumerate(micro_batches):
             x = batch["image"].to(device, non_blocking=True)
             last = micro == t_cfg.grad_accum - 1
+            # A gradient-level weighting (pcgrad) reduces its per-task gradients itself.
+            fwd = model if weighting.gradient_level else net
             sync = net.no_sync() if (ctx.world_size > 1 and not last) else nullcontext()
             with sync:
                 with autocast_for(device, t_cfg.precision):
-                    out = net(x, stacked=t_cfg.stacked)
+                    out = fwd(x, stacked=t_cfg.stacked)
                     extra = extra_losses(model, orth_weight=cfg.adapter.orth_weight)
                 per_task = {
                     t.name: t.loss(out[t.name].float(), batch[t.name].to(device)) for t in tasks
@@ -374,20 +392,25 @@ def _train_epoch(
                 # micro-batches and workers): DDP's average of the workers' gradients is then
                 # the gradient of the mean over every valid pixel of the step.
                 pw = pixel_weights[micro]
-                total = sum(weights[n] * v * pw[n] for n, v in per_task.items())
-                total = total + extra["total"] / t_cfg.grad_accum
-                total.backward()
+                share = 1.0 / t_cfg.grad_accum
+                total = weighting.combine(per_task, pw, share) + extra["total"] * share
+                if weighting.gradient_level:
+                    weighting.accumulate(per_task, pw, extra["total"] * share)
+                else:
+                    total.backward()
             values = {n: v.item() for n, v in per_task.items()}
             local_bad += [n for n, value in values.items() if not math.isfinite(value)]
             for n, value in values.items():
                 sums[n] += value * pw[n]
             sums["total"] += total.item()
+            weights = weighting.current()
             local_loss += (
                 sum(weights[n] * value for n, value in values.items()) + extra["total"].item()
             ) / t_cfg.grad_accum
             sums["orth_reg"] += extra["orth_reg"].detach().item() / t_cfg.grad_accum
             sums["balance"] += extra["balance"].detach().item() / t_cfg.grad_accum
             images += x.shape[0]
+        weighting.finish_step(ctx.world_size, step)
         with_grad = [p for p in model.parameters() if p.grad is not None]
         norm = (
             torch.nn.utils.clip_grad_norm_(with_grad, t_cfg.grad_clip)
@@ -484,7 +507,7 @@ def _mean_across_workers(values: dict[str, float], ctx: WorkerContext) -> dict[s
 
 
 def _report_epoch(
-    cfg, ctx, model, optimizer, scheduler, epoch, step, metrics, val_ds, tasks, observer
+    cfg, ctx, model, optimizer, scheduler, epoch, step, metrics, val_ds, tasks, observer, more=None
 ) -> None:
     if not ctx.is_main:
         ctx.report(metrics, None)
@@ -492,7 +515,8 @@ def _report_epoch(
     with scratch_dir() as d:
         save_adapter(model, d / "adapter", overwrite=True)
         extra: dict[str, Any] = {
-            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            **(more or {}),  # e.g. the task weighting's state
         }
         if observer is not None:
             last = epoch + 1 == cfg.train.epochs
