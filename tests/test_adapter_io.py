@@ -115,7 +115,7 @@ def test_json_describes_the_adapter(tmp_path):
     a = build_msam("tiny", NYU, seed=1, adapter=SPECS["tora"])
     path = save_adapter(a, tmp_path / "ad")
     d = json.loads((path / "adapter.json").read_text())
-    assert d["format_version"] == 1
+    assert d["format_version"] == 2
     assert d["method"] == "tora" and d["decomposition"] == "tucker"
     assert d["ranks"] == {"r1": 4, "r2": 4, "r3": 2}
     assert d["targets"] == ["qkv"] and d["scaling"] == 0.5
@@ -190,6 +190,43 @@ def test_bad_files(tmp_path):
     weights.unlink()
     with pytest.raises(AdapterNotFoundError, match=r"adapter\.safetensors"):
         load_adapter(a, path)
+
+
+def test_version_1_adapter_with_the_now_frozen_decoder_tensors_loads(tmp_path):
+    """Version 1 also stored the hypernetwork MLPs of mask tokens 1..3 (and a one-expert
+    Conv-LoRA's gate), which training never changed: loading skips them, and only them."""
+    spec = AdapterSpec(method="conv_lora", rank=2, conv_experts=1)
+    a = build_msam("tiny", NYU, seed=1, adapter=spec)
+    randomise_trainable(a)
+    path = save_adapter(a, tmp_path / "ad")
+    state = load_file(str(path / "adapter.safetensors"))
+    frozen = {
+        n: p.detach().clone()
+        for n, p in a.named_parameters()
+        if (".output_hypernetworks_mlps." in n and ".output_hypernetworks_mlps.0." not in n)
+        or ".gate." in n
+    }
+    assert len(frozen) == 3 * 3 * 6 + 4 * 2 and not set(frozen) & set(state)
+    from safetensors.torch import save_file
+
+    save_file({**state, **frozen}, str(path / "adapter.safetensors"))
+    meta = json.loads((path / "adapter.json").read_text())
+    (path / "adapter.json").write_text(json.dumps({**meta, "format_version": 1}))
+    b = build_msam("tiny", NYU, seed=1, adapter=spec)
+    assert load_adapter(b, path).format_version == 1
+    for n, p in a.named_parameters():
+        assert torch.equal(p, b.get_parameter(n)), n
+    # a tensor that is no parameter at all is still refused
+    save_file(
+        {**state, **frozen, "decoders.extra": torch.zeros(1)}, str(path / "adapter.safetensors")
+    )
+    with pytest.raises(ValueError, match=r"unexpected \[decoders\.extra\]"):
+        load_adapter(b, path)
+    # version 2 files hold exactly the trainable set: the frozen tensors are refused there
+    save_file({**state, **frozen}, str(path / "adapter.safetensors"))
+    (path / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"output_hypernetworks_mlps\.1"):
+        load_adapter(b, path)
 
 
 def test_tensor_set_mismatch_is_named(tmp_path):
