@@ -47,6 +47,15 @@ SPECS = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny ops gain nothing from a second thread; on a busy machine it only spins."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _step_grads(model, x, *, stacked: bool) -> set[int]:
     """One training step's backward from the forward's outputs alone (task losses plus the
     balancing term it returns, no orthogonal term): the ids of the tensors given a .grad."""
@@ -64,7 +73,7 @@ def _step_grads(model, x, *, stacked: bool) -> set[int]:
     # the task-at-a-time path differs only for task-specific updates
     [(n, True) for n in SPECS] + [(n, False) for n in ("tora", "tora_cp", "lora_stl")],
 )
-def test_autograd_reaches_exactly_the_trainable_set(name, stacked):
+def test_autograd_reaches_exactly_the_trainable_set(name, stacked, one_thread):
     """Two steps (the second after an Adam update, when ToRA's core is no longer 0): every
     trainable tensor gets a gradient except the optional ones, nothing frozen gets one."""
     model = build_msam("tiny", NYU, seed=0, adapter=SPECS[name]).train()
@@ -92,6 +101,7 @@ def test_autograd_reaches_exactly_the_trainable_set(name, stacked):
     if name == "conv_lora_1":  # one expert: no choice, no balancing term: the gate is frozen
         gates = [p for a in adapters_of(model) for p in a.gate.parameters()]
         assert gates and not any(p.requires_grad for p in gates)
+        assert all(a.num_parameters() == a.num_parameters_formula() for a in adapters_of(model))
 
 
 # ------------------------------------------------------------------ the DDP matrix
