@@ -205,8 +205,8 @@ def child(spec: dict) -> dict:
     weights = cfg.weights()
 
     def step() -> None:
-        out = model(batch["image"], stacked=spec["stacked"])
-        extra = extra_losses(model, orth_weight=cfg.adapter.orth_weight)
+        out, aux = model(batch["image"], stacked=spec["stacked"], return_aux=True)
+        extra = extra_losses(model, aux, orth_weight=cfg.adapter.orth_weight)
         total = sum(weights[t.name] * t.loss(out[t.name], batch[t.name]) for t in tasks)
         (total + extra["total"]).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 from collections.abc import Iterator
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,13 +23,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def gloo_rank(rank: int, port: int, world_size: int = 2) -> Iterator[WorkerContext]:
+def gloo_rank(
+    rank: int, port: int, world_size: int = 2, *, timeout: timedelta | None = None
+) -> Iterator[WorkerContext]:
     """Join the gloo group at ``port`` as ``rank`` (one thread, loopback only) and yield the
-    loop's worker context for it (reports dropped, nothing to resume); leave the group after."""
+    loop's worker context for it (reports dropped, nothing to resume); leave the group after.
+    ``timeout``: how long a collective waits for the other ranks (torch's default if None)."""
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        **({"timeout": timeout} if timeout is not None else {}),
     )
     try:
         yield WorkerContext(

@@ -71,9 +71,9 @@ def test_msam_step_changes_only_trainable_tensors(name):
     assert any(".base." in n for n in frozen)  # the wrapped encoder linears are frozen
     before = {n: p.detach().clone() for n, p in trainable.items()}
     opt = torch.optim.Adam(trainable.values(), lr=1e-3)
-    out = model(images(b=2))
+    out, aux = model(images(b=2), return_aux=True)
     loss = sum(v.square().mean() for v in out.values())
-    loss = loss + extra_losses(model, orth_weight=1e-3)["total"]
+    loss = loss + extra_losses(model, aux, orth_weight=1e-3)["total"]
     loss.backward()
     opt.step()
     for n, p in model.named_parameters():
@@ -115,7 +115,7 @@ def test_json_describes_the_adapter(tmp_path):
     a = build_msam("tiny", NYU, seed=1, adapter=SPECS["tora"])
     path = save_adapter(a, tmp_path / "ad")
     d = json.loads((path / "adapter.json").read_text())
-    assert d["format_version"] == 1
+    assert d["format_version"] == 2
     assert d["method"] == "tora" and d["decomposition"] == "tucker"
     assert d["ranks"] == {"r1": 4, "r2": 4, "r3": 2}
     assert d["targets"] == ["qkv"] and d["scaling"] == 0.5
@@ -192,6 +192,43 @@ def test_bad_files(tmp_path):
         load_adapter(a, path)
 
 
+def test_version_1_adapter_with_the_now_frozen_decoder_tensors_loads(tmp_path):
+    """Version 1 also stored the hypernetwork MLPs of mask tokens 1..3 (and a one-expert
+    Conv-LoRA's gate), which training never changed: loading skips them, and only them."""
+    spec = AdapterSpec(method="conv_lora", rank=2, conv_experts=1)
+    a = build_msam("tiny", NYU, seed=1, adapter=spec)
+    randomise_trainable(a)
+    path = save_adapter(a, tmp_path / "ad")
+    state = load_file(str(path / "adapter.safetensors"))
+    frozen = {
+        n: p.detach().clone()
+        for n, p in a.named_parameters()
+        if (".output_hypernetworks_mlps." in n and ".output_hypernetworks_mlps.0." not in n)
+        or ".gate." in n
+    }
+    assert len(frozen) == 3 * 3 * 6 + 4 * 2 and not set(frozen) & set(state)
+    from safetensors.torch import save_file
+
+    save_file({**state, **frozen}, str(path / "adapter.safetensors"))
+    meta = json.loads((path / "adapter.json").read_text())
+    (path / "adapter.json").write_text(json.dumps({**meta, "format_version": 1}))
+    b = build_msam("tiny", NYU, seed=1, adapter=spec)
+    assert load_adapter(b, path).format_version == 1
+    for n, p in a.named_parameters():
+        assert torch.equal(p, b.get_parameter(n)), n
+    # a tensor that is no parameter at all is still refused
+    save_file(
+        {**state, **frozen, "decoders.extra": torch.zeros(1)}, str(path / "adapter.safetensors")
+    )
+    with pytest.raises(ValueError, match=r"unexpected \[decoders\.extra\]"):
+        load_adapter(b, path)
+    # version 2 files hold exactly the trainable set: the frozen tensors are refused there
+    save_file({**state, **frozen}, str(path / "adapter.safetensors"))
+    (path / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"output_hypernetworks_mlps\.1"):
+        load_adapter(b, path)
+
+
 def test_tensor_set_mismatch_is_named(tmp_path):
     a = build_msam("tiny", NYU, seed=1, adapter=SPECS["lora_hps"])
     path = save_adapter(a, tmp_path / "ad")
@@ -248,5 +285,10 @@ def test_vit_l_nyuv2_trainable_counts():
     assert counts["adapters"][0] == 3_244_320
     assert counts["encoder_norms"][0] == 98_304
     assert counts["no_mask_embed"][0] == 17 * 256
-    assert counts["all"][0] == 15_124_160
-    assert counts["all"][0] + counts["decoder_iou_heads"][1] == 15_521_996
+    # The authors' trainable set (three full decoders of 4,058,340 each, with the IoU heads):
+    # 15,521,996. mSAM freezes what it never reads: the IoU heads and, per decoder, the
+    # hypernetwork MLPs of mask tokens 1..3 (segment-anything's MLP 256 -> 256 -> 256 -> 32).
+    mlp = (256 * 256 + 256) * 2 + 256 * 32 + 32
+    assert counts["decoder_unused_mask_mlps"] == (0, 3 * 3 * mlp) == (0, 1_258_272)
+    assert counts["all"][0] == 15_521_996 - counts["decoder_iou_heads"][1] - 3 * 3 * mlp
+    assert counts["all"][0] == 13_865_888

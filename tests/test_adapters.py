@@ -15,7 +15,13 @@ from scipy.stats import norm
 from segment_anything.modeling import ImageEncoderViT
 from torch import nn
 
-from mtsam.adapters.base import AdapterModule, adapters_of, set_active_tasks
+from mtsam.adapters.base import (
+    AdapterModule,
+    adapters_of,
+    collect_aux_losses,
+    emit_aux_loss,
+    set_active_tasks,
+)
 from mtsam.adapters.conv_lora import ConvLoRA, MergeNotSupportedError
 from mtsam.adapters.inject import (
     ADAPTERS,
@@ -25,7 +31,7 @@ from mtsam.adapters.inject import (
     merged_copy,
 )
 from mtsam.adapters.lora import LoRAHPS, LoRASTL
-from mtsam.adapters.regularizers import extra_losses
+from mtsam.adapters.regularizers import extra_losses, sum_terms
 from mtsam.adapters.spec import AdapterSpec
 from mtsam.adapters.tora import ToRACP, ToRATucker
 from mtsam.model.msam import hold_frozen_in
@@ -73,6 +79,16 @@ def randomise(adapter: nn.Module, seed: int = 3) -> None:
 
 def np_(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
+
+
+def run_with_aux(enc: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """An adapted encoder's forward plus the aux dict mSAM's forward would return with it."""
+    with collect_aux_losses() as terms:
+        y = enc(x)
+    return y, {"balance": sum_terms(terms, like=y)}
+
+
+NO_AUX = {"balance": torch.zeros(())}
 
 
 # ----------------------------------------------------------------------- tensor references
@@ -307,9 +323,11 @@ def test_conv_lora_routes_each_map_to_its_expert():
     hmap, _ = _gate_input()
     x = torch.randn(4, 2, 2, D_IN, dtype=torch.float64)
     x[..., :2] = hmap.permute(0, 2, 3, 1)
+    routed: list[list[int]] = []
+    a.gate.register_forward_hook(lambda m, args, out: routed.append(out[0].tolist()))
     y = a(x)
     h = (x @ a.A.T).permute(0, 3, 1, 2)
-    choice = a.last_choice.tolist()
+    (choice,) = routed
     assert choice == [0, 2, 1, 2]
     for n, e in enumerate(choice):
         mapped = h[n : n + 1] + a.experts[e](h[n : n + 1])
@@ -435,8 +453,8 @@ def test_optimizer_steps_change_only_adapter_tensors(name):
     set_active_tasks(enc, range(T))
     for _ in range(2):
         opt.zero_grad()
-        loss = enc(torch.randn(T, 3, 64, 64)).square().mean()
-        loss = loss + extra_losses(enc, orth_weight=1e-4)["total"]
+        y, aux = run_with_aux(enc, torch.randn(T, 3, 64, 64))
+        loss = y.square().mean() + extra_losses(enc, aux, orth_weight=1e-4)["total"]
         loss.backward()
         opt.step()
     for n, p in enc.named_parameters():
@@ -492,7 +510,7 @@ def test_orth_regulariser_by_hand():
         mats = [np_(a.U1), np_(a.U2)] + [np_(a.G)[:, :, v] for v in range(2)]
         terms += [np.sqrt(((m.T @ m - np.eye(m.shape[1])) ** 2).sum()) for m in mats]
     with torch.no_grad():
-        out = extra_losses(enc, orth_weight=0.25)
+        out = extra_losses(enc, NO_AUX, orth_weight=0.25)
     assert len(terms) == 2 * 4
     assert float(out["orth_reg"]) == pytest.approx(np.mean(terms), rel=1e-12)
     assert float(out["total"]) == pytest.approx(0.25 * np.mean(terms), rel=1e-12)
@@ -510,9 +528,9 @@ def test_orth_regulariser_is_float32_under_autocast():
                 q, _ = torch.linalg.qr(torch.randn(m.shape, dtype=torch.float64))
                 m.copy_(q + 1e-3 * torch.randn(m.shape, dtype=torch.float64))
             a.G.normal_()
-    want = extra_losses(enc, orth_weight=1.0)["orth_reg"]
+    want = extra_losses(enc, NO_AUX, orth_weight=1.0)["orth_reg"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = extra_losses(enc, orth_weight=1.0)["orth_reg"]
+        got = extra_losses(enc, NO_AUX, orth_weight=1.0)["orth_reg"]
     assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
@@ -532,21 +550,35 @@ def test_cp_orth_terms_and_lora_has_none():
     assert [float(t.detach()) for t in a.orth_terms()] == pytest.approx(want, rel=1e-12)
     enc = tiny_encoder()
     inject_adapters(enc, ALL_SPECS["lora_stl"], T)
-    out = extra_losses(enc, orth_weight=1.0)
+    out = extra_losses(enc, NO_AUX, orth_weight=1.0)
     assert float(out["total"]) == 0.0 and float(out["orth_reg"]) == 0.0
 
 
 def test_balance_sums_layers():
+    """Each Conv-LoRA layer emits 1e-2 x its gate's CV^2 sum once per forward into the
+    enclosing collection; extra_losses adds the collected terms up. Nothing is kept on the
+    adapters: a forward outside a collection leaves no term anywhere."""
     enc = tiny_encoder()
     ads = inject_adapters(enc, ALL_SPECS["conv_lora"], T)
+    gate_losses: list[float] = []
+    for a in ads:
+        a.gate.register_forward_hook(
+            lambda m, args, out: gate_losses.append(float(out[1].detach()))
+        )
     enc.train()
-    enc(torch.randn(2, 3, 64, 64))
-    with torch.no_grad():
-        per_layer = [float(a.extra_loss()) for a in ads]
-        out = extra_losses(enc, orth_weight=5.0)
-    assert float(out["balance"]) == pytest.approx(sum(per_layer), rel=1e-6)
-    assert float(out["total"]) == pytest.approx(sum(per_layer), rel=1e-6)
+    _, aux = run_with_aux(enc, torch.randn(2, 3, 64, 64))
+    assert len(gate_losses) == len(ads) == 2 and all(v > 0 for v in gate_losses)
+    out = {k: v.detach() for k, v in extra_losses(enc, aux, orth_weight=5.0).items()}
+    assert float(out["balance"]) == pytest.approx(1e-2 * sum(gate_losses), rel=1e-6)
+    assert float(out["total"]) == pytest.approx(1e-2 * sum(gate_losses), rel=1e-6)
     assert float(out["orth_reg"]) == 0.0
+    with collect_aux_losses() as outer:
+        enc(torch.randn(2, 3, 64, 64))
+        with collect_aux_losses() as inner:
+            enc(torch.randn(2, 3, 64, 64))
+    assert len(outer) == len(inner) == 2  # each forward's terms go to its own collection
+    emit_aux_loss(torch.ones(()))  # no collection open: dropped, not stored
+    assert not [k for a in ads for k, v in vars(a).items() if isinstance(v, torch.Tensor)]
 
 
 # ----------------------------------------------------------------------- counts

@@ -194,12 +194,16 @@ def test_only_trainable_set_receives_gradients():
             assert p.requires_grad, n
         else:
             assert not p.requires_grad and p.grad is None, n
-    # the structural set: block LayerNorms, no-mask rows, decoders (not the IoU heads)
+    # the structural set: block LayerNorms, no-mask rows, decoders (not the IoU heads, not the
+    # hypernetwork MLPs of mask tokens 1..3)
     assert any(".norm1." in n for n in trainable) and "no_mask_embed.weight" in trainable
     assert not any("iou_prediction_head" in n for n in trainable)
     assert not any(n.startswith("image_encoder.neck") for n in trainable)
+    mlps = {n.split(".layers.")[0] for n in trainable if ".output_hypernetworks_mlps." in n}
+    assert mlps == {f"decoders.{t}.output_hypernetworks_mlps.0" for t, _ in NYU}
+    # ... and it is exactly what autograd reaches
     got_grad = {n for n, p in m.named_parameters() if p.grad is not None}
-    assert got_grad <= trainable and "no_mask_embed.weight" in got_grad
+    assert got_grad == trainable
 
 
 @pytest.mark.parametrize("method", ["tora", "lora_stl", "conv_lora"])
@@ -223,13 +227,20 @@ def test_activation_checkpointing_keeps_gradients(method, stacked):
         m.activation_checkpointing = checkpointing
         torch.manual_seed(2)
         x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-        out = m(x, stacked=stacked)
-        (out["a"].square().mean() + out["b"].mean()).backward()
+        out, aux = m(x, stacked=stacked, return_aux=True)
+        balances.append(aux["balance"].detach())
+        (out["a"].square().mean() + out["b"].mean() + 10 * aux["balance"]).backward()
         return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
 
+    balances: list[torch.Tensor] = []
     ref, got = grads(False), grads(True)
     assert got.keys() == ref.keys()
     assert any(".attn.qkv." in n for n in ref)  # the adapters are in the comparison
+    # Conv-LoRA's balancing term is counted once (the recompute's copy is dropped) and its
+    # gradient reaches the gate through the recomputed blocks.
+    assert torch.equal(balances[0], balances[1])
+    assert (float(balances[0]) > 0) == (method == "conv_lora")
+    assert (method == "conv_lora") == any(".gate.w_noise" in n for n in ref)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
 
@@ -242,6 +253,7 @@ def test_parameter_counts_by_group():
     groups = [g for g in counts if g != "all"]
     assert sum(counts[g][1] for g in groups) == counts["all"][1]
     assert counts["decoder_iou_heads"][0] == 0 and counts["encoder_frozen"][0] == 0
+    assert counts["decoder_unused_mask_mlps"][0] == 0 < counts["decoder_unused_mask_mlps"][1]
 
 
 def test_no_checkpoint_says_so(caplog):

@@ -305,3 +305,36 @@ def test_cli_worker_error_is_one_line_and_ends_the_mlflow_run_failed(ray_address
     (run,) = client.search_runs([client.get_experiment_by_name("default").experiment_id])
     assert run.info.run_name == "bad" and run.info.status == "FAILED"
     assert "depth contains NaN" in run.data.tags["mtsam.error"]
+
+
+def test_conv_lora_paper_config_trains_on_two_workers(ray_address, tmp_path, scenes):
+    """configs/nyuv2_vit_l_conv_lora.yaml (4 GPU workers) shrunk to the tiny preset on generated
+    scenes, CPU and 2 steps, with its adapter, activation checkpointing and 2 data-parallel
+    workers: jobs/train.py finishes. Conv-LoRA's gate leaves experts unused in a step, and its
+    balancing loss reaches the gate only through the forward's auxiliary output."""
+    sets = [
+        "model.preset=tiny",
+        "model.checkpoint=null",
+        "model.base_dtype=float32",
+        "data.dataset=scenes",
+        "data.num_classes=null",
+        "data.loader_workers=0",
+        "train.precision=fp32",
+        "train.max_steps_per_epoch=2",
+        "scaling.use_gpu=false",
+        "scaling.storage_path=null",
+        *(o for o in overrides(tmp_path, scenes, workers=2, batch=1) if "epochs" not in o),
+        "train.epochs=1",
+        "scaling.max_failures=0",
+    ]
+    args = [a for o in sets for a in ("--set", o)]
+    config = REPO / "configs" / "nyuv2_vit_l_conv_lora.yaml"
+    proc = _train_cli(["--config", str(config), *args, "--name", "conv2"], address=ray_address)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "val/semantic/miou" in proc.stdout
+    state = load_train_state(checkpoints_by_epoch(tmp_path / "ray_results" / "conv2")[1])
+    assert state["config"]["adapter"]["method"] == "conv_lora"
+    assert state["config"]["scaling"]["num_workers"] == 2
+    assert state["config"]["train"]["activation_checkpointing"] is True
+    balance = state["extra"]["metrics"]["train/balance"]
+    assert np.isfinite(state["extra"]["metrics"]["train/loss/total"]) and balance > 0

@@ -1,11 +1,13 @@
 """Adapters for mSAM's image encoder: one small module per method behind one interface.
 
 - ``spec.AdapterSpec``: the validated description of a method and its sizes.
-- ``base.AdapterModule``: the interface (forward on a task-major batch, trainable parameters,
-  extra losses, parameter counts, merge for one task).
+- ``base.AdapterModule``: the interface (forward on a task-major batch, trainable parameters
+  and those a step may skip, orthogonal terms, parameter counts, merge for one task); a loss
+  term of the forward (Conv-LoRA's balancing) goes to ``base.emit_aux_loss`` and comes out of
+  mSAM's forward (``return_aux=True``).
 - ``tora`` (Tucker and CP), ``lora`` (STL, HPS), ``conv_lora``: the methods.
 - ``inject.inject_adapters``: wrap the target linears of a SAM ViT in place (registry lookup).
-- ``regularizers.extra_losses``: ToRA's orthogonal term and Conv-LoRA's balancing term.
+- ``regularizers.extra_losses``: ToRA's orthogonal term plus the forward's balancing term.
 - ``io``: ``adapter.safetensors`` + ``adapter.json`` save / load / rebuild.
 - ``growth``: trainable-parameter growth with the number of tasks (table and plot).
 """

@@ -12,12 +12,22 @@ An adapter may update only some rows of the base output (``out_slices``, e.g. th
 thirds of a fused qkv linear). Subclasses compute their own rows only (:meth:`branch`,
 :meth:`branch_weight`, ``d_sel = adapted_out_features`` wide); this class scatters them into
 the full output (zeros elsewhere) for :meth:`delta`, :meth:`delta_weight` and :meth:`forward`.
+
+A loss term that depends on the forward (Conv-LoRA's load balancing) leaves through the
+enclosing model's forward, never through state kept on the adapter: the adapter hands it to
+:func:`emit_aux_loss`, the model's forward gathers the terms of its own call with
+:func:`collect_aux_losses` and returns them with its outputs (the way mixture-of-experts models
+return their auxiliary loss). Data parallelism needs this: DDP looks for the tensors a step
+uses by walking back from what the wrapped forward returned, so a term added outside it would
+reach tensors DDP had already counted as unused.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import torch
@@ -231,11 +241,16 @@ class AdapterModule(nn.Module, ABC):
     # ------------------------------------------------------------------ parameters and losses
     @abstractmethod
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
-        """The trainable tensors of this adapter (never the frozen base)."""
+        """The trainable tensors of this adapter (never the frozen base).
 
-    def extra_loss(self) -> torch.Tensor | None:
-        """A loss term contributed by this layer for the last forward (None when it has none)."""
-        return None
+        Each of them receives a gradient (possibly zero) in every training step, except those
+        :meth:`optional_parameters` names: data-parallel training relies on it.
+        """
+
+    def optional_parameters(self) -> Iterator[nn.Parameter]:
+        """The part of :meth:`adapter_parameters` that a training step may leave without a
+        gradient (Conv-LoRA: the experts its gate may not pick). None for most methods."""
+        return iter(())
 
     def orth_terms(self) -> list[torch.Tensor]:
         """Frobenius norms ||M^T M - I|| this layer adds to the orthogonal regulariser's list."""
@@ -274,6 +289,31 @@ class AdapterModule(nn.Module, ABC):
                 merged.bias.copy_(self.base.bias)
         merged.requires_grad_(False)
         return merged
+
+
+_AUX_SINK: ContextVar[list[torch.Tensor] | None] = ContextVar("mtsam_aux_losses", default=None)
+
+
+@contextmanager
+def collect_aux_losses() -> Iterator[list[torch.Tensor]]:
+    """Gather the loss terms adapters emit while the block runs (a model's forward) in a list.
+
+    Terms emitted outside such a block are dropped: e.g. when activation checkpointing
+    recomputes a block during backward, the term of the original forward is already counted.
+    """
+    terms: list[torch.Tensor] = []
+    token = _AUX_SINK.set(terms)
+    try:
+        yield terms
+    finally:
+        _AUX_SINK.reset(token)
+
+
+def emit_aux_loss(term: torch.Tensor) -> None:
+    """Hand a scalar loss term of this forward to the enclosing :func:`collect_aux_losses`."""
+    sink = _AUX_SINK.get()
+    if sink is not None:
+        sink.append(term.reshape(()))
 
 
 def adapters_of(model: nn.Module) -> list[AdapterModule]:

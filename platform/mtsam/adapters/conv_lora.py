@@ -12,7 +12,13 @@ the whole map (global blocks). In the bottleneck h = dropout(x) A^T, read as a m
 Load balancing (Shazeer et al.'s sparse MoE, as in the authors' code): importance = gate values
 summed over the batch, load = number of maps per expert (in training, the smooth estimate
 P(expert in top-1 under noise) summed over the batch); loss = (CV^2(importance) + CV^2(load))
-* 1e-2 with CV^2(v) = var(v) / (mean(v)^2 + 1e-10) (unbiased variance; 0 when M = 1).
+* 1e-2 with CV^2(v) = var(v) / (mean(v)^2 + 1e-10) (unbiased variance; 0 when M = 1). Each
+layer emits its term with ``emit_aux_loss``: mSAM's forward returns their sum as ``balance``.
+
+Trainable set: LoRA's A and B, the experts, and the gate when M > 1. The gate reaches the loss
+only through the balancing term, which is 0 for a single expert: with M = 1 it would never get
+a gradient, so it is frozen then. An expert the gate picks for no map of a step gets no
+gradient in that step: the experts are the adapter's ``optional_parameters`` (M > 1).
 
 Shared by all tasks in this platform (``task_specific = False``, like LoRA-HPS): the method is a
 single-task PEFT in its paper, the experts are its point, and a per-task copy would be
@@ -29,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtsam.adapters.base import emit_aux_loss
 from mtsam.adapters.lora import LoRABase, lora_count
 
 if TYPE_CHECKING:
@@ -40,10 +47,9 @@ class MergeNotSupportedError(NotImplementedError):
 
 
 def conv_lora_count(d_in: int, d_out: int, rank: int, num_experts: int) -> int:
-    """LoRA r (d_in + d_out) + gate 2 r M + experts M (9 r^2 + r)."""
-    return (
-        lora_count(d_in, d_out, rank) + 2 * rank * num_experts + num_experts * (9 * rank**2 + rank)
-    )
+    """LoRA r (d_in + d_out) + gate 2 r M (when M > 1) + experts M (9 r^2 + r)."""
+    gate = 2 * rank * num_experts if num_experts > 1 else 0
+    return lora_count(d_in, d_out, rank) + gate + num_experts * (9 * rank**2 + rank)
 
 
 def cv_squared(v: torch.Tensor) -> torch.Tensor:
@@ -121,7 +127,7 @@ class ConvLoRA(LoRABase):
         rank, alpha: LoRA rank r and alpha.
         num_experts: M; expert i (1-based) works at scale factor i.
         dropout: dropout on the branch input.
-        balance_coef: weight of the balancing loss inside :meth:`extra_loss` (authors: 1e-2).
+        balance_coef: weight of the balancing loss each forward emits (authors: 1e-2).
         out_slices: the adapted output rows.
     """
 
@@ -148,8 +154,6 @@ class ConvLoRA(LoRABase):
         self.experts = nn.ModuleList(
             ConvExpert(self.rank, scale=i + 1).to(w.device, w.dtype) for i in range(num_experts)
         )
-        self._balance: torch.Tensor | None = None
-        self.last_choice: torch.Tensor | None = None
 
     @classmethod
     def spec_kwargs(cls, spec: AdapterSpec) -> dict[str, object]:
@@ -162,8 +166,7 @@ class ConvLoRA(LoRABase):
     def mix(self, h: torch.Tensor) -> torch.Tensor:
         """The expert mixture on bottleneck maps: h (N, r, H, W) -> h + expert_{g(h)}(h)."""
         choice, balance = self.gate(h)
-        self._balance = balance * self.balance_coef
-        self.last_choice = choice.detach()
+        emit_aux_loss(balance * self.balance_coef)
         mixed = torch.zeros_like(h)
         for i, expert in enumerate(self.experts):
             idx = (choice == i).nonzero().squeeze(1)
@@ -185,10 +188,6 @@ class ConvLoRA(LoRABase):
         h = self.mix(h).permute(0, 2, 3, 1)
         return h @ (self.B.T * self.scale)
 
-    def extra_loss(self) -> torch.Tensor | None:
-        """The weighted balancing loss of the last forward (None before any forward)."""
-        return self._balance
-
     def branch_weight(self, task: int) -> torch.Tensor:
         raise MergeNotSupportedError(
             "Conv-LoRA's update passes through non-linear convolutional experts chosen per input, "
@@ -201,8 +200,14 @@ class ConvLoRA(LoRABase):
 
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
         yield from super().adapter_parameters()  # A, B
-        yield from self.gate.parameters()
+        if len(self.experts) > 1:
+            yield from self.gate.parameters()
         yield from self.experts.parameters()
+
+    def optional_parameters(self) -> Iterator[nn.Parameter]:
+        """The experts (M > 1): a step whose maps the gate sends elsewhere leaves one unused."""
+        if len(self.experts) > 1:
+            yield from self.experts.parameters()
 
     def num_parameters_formula(self) -> int:
         return conv_lora_count(

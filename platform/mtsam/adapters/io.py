@@ -11,6 +11,11 @@ A saved adapter is a directory with two files:
 
 Writes are atomic: both files go to a temporary sibling directory that is renamed into place,
 so a failure leaves either the old directory or nothing.
+
+Format version 1 (written before mSAM froze the decoder parts it never reads, the hypernetwork
+MLPs of mask tokens 1..3, and Conv-LoRA's gate when it has one expert) also holds those
+tensors. Training never changed them (they received no gradient, so the optimizer skipped
+them): loading a version-1 adapter skips every stored tensor that is now a frozen parameter.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from mtsam.adapters.spec import AdapterSpec
 if TYPE_CHECKING:
     from mtsam.model.msam import MSAM
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 WEIGHTS_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
 
@@ -155,9 +161,10 @@ def read_adapter_meta(directory: str | Path) -> AdapterMeta:
     try:
         d = json.loads(path.read_text())
         version = d["format_version"]
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise AdapterFileError(
-                f"{path}: format_version {version!r}, this code reads version {FORMAT_VERSION}"
+                f"{path}: format_version {version!r}, this code reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
             )
         spec = None if d["spec"] is None else AdapterSpec.from_dict(d["spec"])
         tasks = tuple((str(t["name"]), int(t["channels"])) for t in d["tasks"])
@@ -219,6 +226,10 @@ def load_adapter(
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError) as e:
         raise AdapterFileError(f"{weights}: unreadable safetensors file ({e})") from None
+    if meta.format_version == 1:  # it also stored tensors that are frozen now (see above)
+        trainable = {n for n, _ in model.trainable_named_parameters()}
+        frozen = {n for n, _ in model.named_parameters()} - trainable
+        state = {k: v for k, v in state.items() if k not in frozen}
     model.load_trainable_state_dict(state, source=str(weights))
     return meta
 

@@ -26,7 +26,13 @@ from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from mtsam.adapters.base import AdapterModule, adapters_of, set_active_tasks
+from mtsam.adapters.base import (
+    AdapterModule,
+    adapters_of,
+    collect_aux_losses,
+    set_active_tasks,
+)
+from mtsam.adapters.regularizers import sum_terms
 from mtsam.model.presets import SamPreset, get_preset
 
 if TYPE_CHECKING:
@@ -125,8 +131,10 @@ class MSAM(nn.Module):
         """The trainable set, decided by structure (module types), in ``named_parameters`` order.
 
         Encoder block LayerNorms, every adapter's ``adapter_parameters()``, the no-mask
-        embeddings, and the task decoders except their IoU heads (mSAM never reads the IoU
-        prediction, so those weights would receive no gradient).
+        embeddings, and the task decoders except the parts :meth:`decode` never reads (the IoU
+        head and the hypernetwork MLPs of mask tokens 1..3): those would receive no gradient.
+        Every tensor of the set gets a gradient in each training step, except the adapters'
+        ``optional_parameters()`` (see :meth:`optional_trainable_parameters`).
         """
         chosen: set[int] = set()
         for block in self.image_encoder.blocks:
@@ -137,9 +145,17 @@ class MSAM(nn.Module):
             chosen.update(id(p) for p in adapter.adapter_parameters())
         chosen.update(id(p) for p in self.no_mask_embed.parameters())
         for decoder in self.decoders.values():
-            iou = {id(p) for p in decoder.iou_prediction_head.parameters()}
-            chosen.update(id(p) for p in decoder.parameters() if id(p) not in iou)
+            unused = {id(p) for m in unused_decoder_parts(decoder) for p in m.parameters()}
+            chosen.update(id(p) for p in decoder.parameters() if id(p) not in unused)
         return [(n, p) for n, p in self.named_parameters() if id(p) in chosen]
+
+    def optional_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The trainable tensors a training step may leave without a gradient: the adapters'
+        ``optional_parameters()`` (e.g. Conv-LoRA experts its gate did not pick); usually none.
+        Data-parallel training searches each step's graph for unused tensors only when this is
+        not empty."""
+        optional = {id(p) for a in adapters_of(self) for p in a.optional_parameters()}
+        return [(n, p) for n, p in self.trainable_named_parameters() if id(p) in optional]
 
     def apply_trainability(self) -> None:
         """Freeze everything, then unfreeze the structural trainable set."""
@@ -191,6 +207,12 @@ class MSAM(nn.Module):
             "no_mask_embed": list(self.no_mask_embed.parameters()),
             "decoder_iou_heads": [
                 p for d in self.decoders.values() for p in d.iou_prediction_head.parameters()
+            ],
+            "decoder_unused_mask_mlps": [
+                p
+                for d in self.decoders.values()
+                for mlp in d.output_hypernetworks_mlps[1:]
+                for p in mlp.parameters()
             ],
         }
         grouped = {id(p) for ps in groups.values() for p in ps}
@@ -313,12 +335,32 @@ class MSAM(nn.Module):
         emb = self.embed_tasks(x, stacked=stacked)
         return {name: self.decode(name, emb[name]) for name in self.task_names}
 
-    def forward(self, images: torch.Tensor, *, stacked: bool = True) -> dict[str, torch.Tensor]:
-        """images (B, 3, H, W) float in [0, 1], any H, W -> {task: (B, C_t, H, W)} raw outputs."""
+    def forward(
+        self, images: torch.Tensor, *, stacked: bool = True, return_aux: bool = False
+    ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """images (B, 3, H, W) float in [0, 1], any H, W -> {task: (B, C_t, H, W)} raw outputs.
+
+        With ``return_aux`` also the loss terms the adapters emitted during this forward:
+        ``(outputs, {"balance": L})``, L the sum of Conv-LoRA's per-layer load-balancing
+        losses (0 for other methods). Training needs them in the forward's return value:
+        DDP finds the tensors a step uses from it.
+        """
         original = tuple(images.shape[-2:])
         x, input_size = self.preprocess(images)
-        low = self.forward_low_res(x, stacked=stacked)
-        return {n: self.postprocess(m, input_size, original) for n, m in low.items()}
+        with collect_aux_losses() as terms:
+            low = self.forward_low_res(x, stacked=stacked)
+        out = {n: self.postprocess(m, input_size, original) for n, m in low.items()}
+        if not return_aux:
+            return out
+        return out, {"balance": sum_terms(terms, like=x)}
+
+
+def unused_decoder_parts(decoder: MaskDecoder) -> list[nn.Module]:
+    """The modules of a segment-anything ``MaskDecoder`` that :meth:`MSAM.decode` never reads:
+    the IoU head and the hypernetwork MLPs of mask tokens 1..3 (mSAM keeps token 0, SAM's
+    single-mask output). They stay frozen. (The tokens themselves are used: all of them
+    attend to each other in the two-way transformer.)"""
+    return [decoder.iou_prediction_head, *decoder.output_hypernetworks_mlps[1:]]
 
 
 def hold_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:

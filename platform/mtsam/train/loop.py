@@ -32,6 +32,7 @@ from mtsam.tasks import build_tasks, task_metric_directions
 from mtsam.train.context import WorkerContext, scratch_dir
 from mtsam.train.data import eval_loader, open_split, scenes_root, train_loader
 from mtsam.train.evaluate import autocast_for, evaluate, flat_metrics
+from mtsam.train.parallel import data_parallel
 from mtsam.train.schedule import build_scheduler
 from mtsam.train.state import load_train_state, save_train_state, set_rng_state
 from mtsam.train.weighting import WeightingOptions, build_weighting
@@ -181,13 +182,7 @@ def fit(
     ).to(device)
     net: nn.Module = model
     if ctx.world_size > 1:
-        # Some trainable tensors get no gradient in a step (unused mask-token MLPs, experts
-        # the Conv-LoRA gate did not pick): DDP must look for them.
-        net = nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True,
-        )
+        net = data_parallel(model, device)  # finds unused tensors only for methods that skip some
 
     root = data_root(cfg)
     common = {
@@ -381,8 +376,10 @@ def _train_epoch(
             sync = net.no_sync() if (ctx.world_size > 1 and not last) else nullcontext()
             with sync:
                 with autocast_for(device, t_cfg.precision):
-                    out = fwd(x, stacked=t_cfg.stacked)
-                    extra = extra_losses(model, orth_weight=cfg.adapter.orth_weight)
+                    # The adapters' per-forward terms (Conv-LoRA's balancing) come out of the
+                    # (wrapped) forward, so that DDP sees the tensors they reach.
+                    out, aux = fwd(x, stacked=t_cfg.stacked, return_aux=True)
+                    extra = extra_losses(model, aux, orth_weight=cfg.adapter.orth_weight)
                 per_task = {
                     t.name: t.loss(out[t.name].float(), batch[t.name].to(device)) for t in tasks
                 }
