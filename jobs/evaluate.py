@@ -98,7 +98,8 @@ def _model_from_adapter(adapter: str, *, base: str | None, cfg):
 
 def _load_uri(uri: str, base: str | None, cfg):
     """Download through MLflow at the config's tracking URI (tracking.uri, $MLFLOW_TRACKING_URI,
-    else <output_dir>/mlflow.db); a missing SQLite store is an error, not a new empty one."""
+    else <output_dir>/mlflow.db, a relative output_dir taken as the jobs take it: under
+    $MTSAM_OUTPUT_ROOT when set); a missing SQLite store is an error, not a new empty one."""
     try:
         from mtsam.tracking.registry import load_adapter
         from mtsam.tracking.uri import TrackingError, resolve_tracking_uri, sqlite_path
@@ -107,7 +108,9 @@ def _load_uri(uri: str, base: str | None, cfg):
             f"--adapter {uri}: loading from MLflow needs mtsam.tracking.registry, which this "
             "checkout lacks; pass a local adapter folder instead"
         ) from None
-    tracking_uri = resolve_tracking_uri(cfg.tracking.uri, cfg.output_dir)
+    tracking_uri = resolve_tracking_uri(
+        cfg.tracking.uri, str(storage.local_output_dir(cfg.output_dir))
+    )
     db = sqlite_path(tracking_uri)
     if db is not None and not db.is_file():
         raise FileNotFoundError(
