@@ -185,6 +185,8 @@ def test_cli_bad_bucket_and_missing_objects_are_one_line_errors(s3, tmp_path, ca
     ):
         assert evaluate.main(["--checkpoint", uri, "--device=cpu"]) == 2
         assert capsys.readouterr().err.strip() == f"error: --checkpoint {uri}: {why}"
+        assert evaluate.main(["--adapter", f"{uri}/adapter", "--device=cpu"]) == 2
+        assert capsys.readouterr().err.strip() == f"error: --adapter {uri}/adapter: {why}"
     assert not ray.is_initialized()
 
 
