@@ -227,9 +227,19 @@ def main(argv: list[str] | None = None) -> int:
             with storage.local_copy(args.checkpoint, what="--checkpoint") as ckpt:
                 if not ckpt.is_dir():
                     raise FileNotFoundError(f"--checkpoint {ckpt}: no such folder")
-                cfg, state = _checkpoint_config(ckpt, args.config, args.set, args.base_checkpoint)
-                tasks = build_tasks(cfg.data.tasks, num_classes=cfg.data.classes)
-                model = _model_from_checkpoint(cfg, state, ckpt, tasks)
+                try:
+                    cfg, state = _checkpoint_config(
+                        ckpt, args.config, args.set, args.base_checkpoint
+                    )
+                    tasks = build_tasks(cfg.data.tasks, num_classes=cfg.data.classes)
+                    model = _model_from_checkpoint(cfg, state, ckpt, tasks)
+                except (ValueError, OSError) as e:
+                    if not storage.is_uri(args.checkpoint):
+                        raise
+                    # name the checkpoint as given, not its temporary download
+                    raise ValueError(
+                        str(e).replace(str(ckpt), args.checkpoint.rstrip("/"))
+                    ) from None
             shown = args.checkpoint.rstrip("/").rsplit("/", 1)[-1]
             name = f"{shown} (epoch {state['epoch'] + 1})"
         else:

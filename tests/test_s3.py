@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from s3server import get_bytes, keys, moto_s3
+from s3server import get_bytes, keys, moto_s3, s3_client
 
 ray = pytest.importorskip("ray")
 
@@ -187,6 +187,12 @@ def test_cli_bad_bucket_and_missing_objects_are_one_line_errors(s3, tmp_path, ca
         assert capsys.readouterr().err.strip() == f"error: --checkpoint {uri}: {why}"
         assert evaluate.main(["--adapter", f"{uri}/adapter", "--device=cpu"]) == 2
         assert capsys.readouterr().err.strip() == f"error: --adapter {uri}/adapter: {why}"
+    # a damaged checkpoint in the bucket is named by its URI, not by its temporary download
+    s3_client().put_object(Bucket=BUCKET, Key="runs/bad/ckpt/train_state.pt", Body=b"garbage")
+    uri = f"s3://{BUCKET}/runs/bad/ckpt"
+    assert evaluate.main(["--checkpoint", uri, "--device=cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: checkpoint {uri}/train_state.pt: unreadable"), err
     assert not ray.is_initialized()
 
 

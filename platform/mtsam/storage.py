@@ -4,8 +4,8 @@ Ray Train and Tune write runs, checkpoints and sweep state through ``pyarrow.fs`
 the same file systems here, so a path that Ray can write is one these helpers can read. S3 is
 reached with the standard AWS settings of the environment (``AWS_ENDPOINT_URL`` or
 ``AWS_ENDPOINT_URL_S3`` for an S3-compatible server, ``AWS_ACCESS_KEY_ID`` /
-``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), or pyarrow's query parameters in the URI
-(``s3://bucket/path?endpoint_override=host:port&scheme=http``).
+``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``). A URI's query (pyarrow's own options) is
+kept through :func:`join` and :func:`as_uri`.
 
 Every failure is a :class:`StorageError` whose one-line message names the URI: no such bucket,
 no such object, access denied, endpoint unreachable.
