@@ -98,7 +98,8 @@ def _model_from_adapter(adapter: str, *, base: str | None, cfg):
 
 def _load_uri(uri: str, base: str | None, cfg):
     """Download through MLflow at the config's tracking URI (tracking.uri, $MLFLOW_TRACKING_URI,
-    else <output_dir>/mlflow.db); a missing SQLite store is an error, not a new empty one."""
+    else <output_dir>/mlflow.db, a relative output_dir taken as the jobs take it: under
+    $MTSAM_OUTPUT_ROOT when set); a missing SQLite store is an error, not a new empty one."""
     try:
         from mtsam.tracking.registry import load_adapter
         from mtsam.tracking.uri import TrackingError, resolve_tracking_uri, sqlite_path
@@ -107,7 +108,9 @@ def _load_uri(uri: str, base: str | None, cfg):
             f"--adapter {uri}: loading from MLflow needs mtsam.tracking.registry, which this "
             "checkout lacks; pass a local adapter folder instead"
         ) from None
-    tracking_uri = resolve_tracking_uri(cfg.tracking.uri, cfg.output_dir)
+    tracking_uri = resolve_tracking_uri(
+        cfg.tracking.uri, str(storage.local_output_dir(cfg.output_dir))
+    )
     db = sqlite_path(tracking_uri)
     if db is not None and not db.is_file():
         raise FileNotFoundError(
@@ -224,11 +227,23 @@ def main(argv: list[str] | None = None) -> int:
             with storage.local_copy(args.checkpoint, what="--checkpoint") as ckpt:
                 if not ckpt.is_dir():
                     raise FileNotFoundError(f"--checkpoint {ckpt}: no such folder")
-                cfg, state = _checkpoint_config(ckpt, args.config, args.set, args.base_checkpoint)
-                tasks = build_tasks(
-                    cfg.data.tasks, num_classes=cfg.data.classes, protocol=cfg.data.eval_protocol
-                )
-                model = _model_from_checkpoint(cfg, state, ckpt, tasks)
+                try:
+                    cfg, state = _checkpoint_config(
+                        ckpt, args.config, args.set, args.base_checkpoint
+                    )
+                    tasks = build_tasks(
+                        cfg.data.tasks,
+                        num_classes=cfg.data.classes,
+                        protocol=cfg.data.eval_protocol,
+                    )
+                    model = _model_from_checkpoint(cfg, state, ckpt, tasks)
+                except (ValueError, OSError) as e:
+                    if not storage.is_uri(args.checkpoint):
+                        raise
+                    # name the checkpoint as given, not its temporary download
+                    raise ValueError(
+                        str(e).replace(str(ckpt), args.checkpoint.rstrip("/"))
+                    ) from None
             shown = args.checkpoint.rstrip("/").rsplit("/", 1)[-1]
             name = f"{shown} (epoch {state['epoch'] + 1})"
         else:

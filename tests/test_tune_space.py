@@ -480,6 +480,7 @@ def test_relative_outputs_go_to_a_durable_root_inside_a_submitted_job(tmp_path, 
     relative output_dir (and storage path) resolve under ~/mtsam_outputs, or
     $MTSAM_OUTPUT_ROOT, while inputs (data.root) still resolve against the working folder.
     Outside a job $MTSAM_OUTPUT_ROOT applies too; without it, the launch folder."""
+    from mtsam.storage import local_output_dir
     from mtsam.tracking.setup import spool_root
     from mtsam.train.runner import storage_path, with_absolute_paths
 
@@ -500,6 +501,9 @@ def test_relative_outputs_go_to_a_durable_root_inside_a_submitted_job(tmp_path, 
     )
     assert uri.output_dir == str(durable / "outputs") and uri.scaling.storage_path == "s3://b/r"
     assert spool_root(uri, storage_path(uri)) == str(durable / "outputs" / "mlflow_spools")
+    # readers of the default MLflow store (evaluate.py --adapter models:/..., load_adapter) look
+    # where the jobs wrote
+    assert local_output_dir("outputs") == durable / "outputs"
 
     monkeypatch.setenv("MTSAM_OUTPUT_ROOT", str(tmp_path / "mine"))
     assert with_absolute_paths(build_config({}, sets)).output_dir == str(

@@ -4,22 +4,56 @@ Ray Train and Tune write runs, checkpoints and sweep state through ``pyarrow.fs`
 the same file systems here, so a path that Ray can write is one these helpers can read. S3 is
 reached with the standard AWS settings of the environment (``AWS_ENDPOINT_URL`` or
 ``AWS_ENDPOINT_URL_S3`` for an S3-compatible server, ``AWS_ACCESS_KEY_ID`` /
-``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), or pyarrow's query parameters in the URI
-(``s3://bucket/path?endpoint_override=host:port&scheme=http``).
+``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``). A URI's query (pyarrow's own options) is
+kept through :func:`join` and :func:`as_uri`.
 
 Every failure is a :class:`StorageError` whose one-line message names the URI: no such bucket,
 no such object, access denied, endpoint unreachable.
+
+Also where a job's local outputs go (:func:`output_root`): ``ray job submit`` runs a job in a
+temporary copy of its working folder, so a relative ``output_dir`` needs a durable root.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+OUTPUT_ROOT_ENV = "MTSAM_OUTPUT_ROOT"
+DEFAULT_SUBMITTED_ROOT = "~/mtsam_outputs"
+
+
+def in_submitted_job() -> bool:
+    """True in the driver of a ``ray job submit`` job, which runs inside Ray's temporary copy of
+    the working folder (``.../runtime_resources/working_dir_files/_ray_pkg_*``)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ or (
+        "working_dir_files" in Path.cwd().parts and "runtime_resources" in Path.cwd().parts
+    )
+
+
+def output_root() -> Path:
+    """The folder a relative ``output_dir`` (and ``scaling.storage_path``) is taken from:
+    ``$MTSAM_OUTPUT_ROOT`` if set; inside a submitted job ``~/mtsam_outputs`` on the node that
+    runs the job (the job's working folder is deleted with the Ray session); else the folder
+    the job was launched in."""
+    if os.environ.get(OUTPUT_ROOT_ENV):
+        return Path(os.environ[OUTPUT_ROOT_ENV]).expanduser().resolve()
+    if in_submitted_job():
+        return Path(DEFAULT_SUBMITTED_ROOT).expanduser().resolve()
+    return Path.cwd()
+
+
+def local_output_dir(output_dir: str) -> Path:
+    """``output_dir`` as the jobs resolve it: as given when absolute, else under
+    :func:`output_root` (readers, e.g. of the default MLflow store, find what jobs wrote)."""
+    path = Path(output_dir).expanduser()
+    return path if path.is_absolute() else output_root() / path
 
 
 class StorageError(ValueError):

@@ -99,13 +99,15 @@ def _model_source(text: str, tracking_uri: str) -> str:
 
 def _store_uri(tracking_uri: str | None, text: str) -> str:
     """``tracking_uri`` or, for None, the store of the default config (``$MLFLOW_TRACKING_URI``,
-    else ``<cwd>/<output_dir>/mlflow.db``), as :func:`resolve_tracking_uri` resolves it. A SQLite
+    else ``<output root>/<output_dir>/mlflow.db``, the root being ``$MTSAM_OUTPUT_ROOT`` or the
+    current folder, as the jobs resolve it), as :func:`resolve_tracking_uri` resolves it. A SQLite
     store that ``runs:``/``models:`` read must already exist: opening a missing one would create
     an empty database (other artifact URIs, e.g. ``s3://``, need no store)."""
     from mtsam.config import ExperimentConfig
+    from mtsam.storage import local_output_dir
 
-    output_dir = ExperimentConfig.model_fields["output_dir"].default
-    uri = resolve_tracking_uri(tracking_uri, output_dir)
+    output_dir = local_output_dir(ExperimentConfig.model_fields["output_dir"].default)
+    uri = resolve_tracking_uri(tracking_uri, str(output_dir))
     db = sqlite_path(uri)
     if db is not None and not db.is_file() and text.startswith(("runs:", "models:")):
         raise AdapterNotFoundError(
@@ -131,7 +133,8 @@ def load_adapter(
     A local folder needs no tracking store. Otherwise the adapter folder
     (``adapter.safetensors`` + ``adapter.json``) is downloaded to a temporary folder from the
     MLflow store at ``tracking_uri``; None means what training uses with the default config:
-    ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/outputs/mlflow.db``. A SQLite store that
+    ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/outputs/mlflow.db`` (``$MTSAM_OUTPUT_ROOT``
+    in place of the current folder when set). A SQLite store that
     does not exist raises :class:`~mtsam.adapters.io.AdapterNotFoundError` (none is created).
     Then :func:`mtsam.adapters.io.build_from_adapter` rebuilds the model on the base
     ``checkpoint`` (None: the random base the adapter was trained on, re-created from the seed

@@ -54,28 +54,6 @@ def check_scaling(cfg: ExperimentConfig) -> None:
 LOCAL_PATH_FIELDS = ("output_dir", "data.root", "model.checkpoint", "scaling.storage_path")
 # Where a job writes (not what it reads): relative values resolve against output_root().
 OUTPUT_FIELDS = ("output_dir", "scaling.storage_path")
-OUTPUT_ROOT_ENV = "MTSAM_OUTPUT_ROOT"
-DEFAULT_SUBMITTED_ROOT = "~/mtsam_outputs"
-
-
-def in_submitted_job() -> bool:
-    """True in the driver of a ``ray job submit`` job, which runs inside Ray's temporary copy of
-    the working folder (``.../runtime_resources/working_dir_files/_ray_pkg_*``)."""
-    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ or (
-        "working_dir_files" in Path.cwd().parts and "runtime_resources" in Path.cwd().parts
-    )
-
-
-def output_root() -> Path:
-    """The folder a relative ``output_dir`` (and ``scaling.storage_path``) is taken from:
-    ``$MTSAM_OUTPUT_ROOT`` if set; inside a submitted job ``~/mtsam_outputs`` on the node that
-    runs the job (the job's working folder is deleted with the Ray session); else the folder
-    the job was launched in."""
-    if os.environ.get(OUTPUT_ROOT_ENV):
-        return Path(os.environ[OUTPUT_ROOT_ENV]).expanduser().resolve()
-    if in_submitted_job():
-        return Path(DEFAULT_SUBMITTED_ROOT).expanduser().resolve()
-    return Path.cwd()
 
 
 def with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -85,9 +63,10 @@ def with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     relative ``data.root`` there names another folder (a dataset not found after the checks
     passed), and a relative ``output_dir`` made every trial generate the scenes again inside
     Ray's session folder. Inputs (``data.root``, ``model.checkpoint``) resolve against the
-    launch folder, outputs against :func:`output_root`. URIs (``s3://...``) are left alone.
+    launch folder, outputs against :func:`mtsam.storage.output_root`. URIs (``s3://...``) are left alone.
     """
     from mtsam.config import set_path
+    from mtsam.storage import output_root
 
     d = cfg.to_dict()
     changed = False
