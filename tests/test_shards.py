@@ -627,3 +627,21 @@ def test_prepare_data_verify_checks_every_byte(tmp_path, capsys):
     assert job.main(["--verify", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {shard}: sha256 differs from manifest.json; the shard is damaged\n"
+
+
+def test_a_set_written_without_page_checksums_is_rewritten_with_them(tmp_path):
+    write_nyuv2(tmp_path / "src", n=2)
+    write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2")
+    path = tmp_path / "out" / "manifest.json"
+    old = json.loads(path.read_text())
+    assert old.pop("page_checksums") is True
+    path.write_text(json.dumps(old))
+    before = mtimes(tmp_path / "out")
+    assert len(ShardDataset(tmp_path / "out", "train")) == 2  # still readable as it is
+    manifest = write_shards(tmp_path / "out", sources(tmp_path / "src"), dataset="nyuv2")
+    assert manifest["page_checksums"] is True
+    shard = "train/part-00000.parquet"
+    assert mtimes(tmp_path / "out")[shard] != before[shard]
+    flip_last_data_byte(tmp_path / "out" / shard, 0, "image")  # now caught by a checksum
+    with pytest.raises(DatasetError, match="CRC checksum verification failed"):
+        ShardDataset(tmp_path / "out", "train")[0]

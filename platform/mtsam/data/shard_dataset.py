@@ -109,9 +109,13 @@ class ShardDataset(DenseDataset):
             }
             arrays = decode_row(row, self.columns)
         except (OSError, pa.ArrowException, ValueError) as err:
+            # A failed page checksum or undecodable data means damage; another I/O error
+            # (network, permissions) is reported as it is.
+            text = first_line(err)
+            damaged = not isinstance(err, OSError) or "checksum" in text.lower()
             raise DatasetError(
-                f"{self._files[shard].name}: sample {index} unreadable ({first_line(err)}); "
-                "the shard is damaged"
+                f"{self._files[shard].name}: sample {index} unreadable ({text})"
+                + ("; the shard is damaged" if damaged else "")
             ) from None
         arrays.pop("index")
         return {k: torch.from_numpy(v) for k, v in arrays.items()}

@@ -431,6 +431,12 @@ def inspect_split(
     """
     store = root if isinstance(root, ShardStore) else ShardStore(root)
     manifest = _read_manifest_file(store)
+    return manifest, _check_split(store, manifest, split, verify=verify)
+
+
+def _check_split(
+    store: ShardStore, manifest: Mapping[str, Any], split: str, *, verify: bool
+) -> list[ShardFile]:
     if split not in manifest["splits"]:
         raise DatasetError(
             f"{store.name(MANIFEST)}: no split {split!r}; has {sorted(manifest['splits'])}"
@@ -463,11 +469,10 @@ def inspect_split(
                     f"{store.name(shard['file'])}: sha256 differs from {MANIFEST}; the shard "
                     "is damaged"
                 )
-    files = [
+    return [
         ShardFile(rel=s["file"], name=store.name(s["file"]), path=i.path, size=i.size, metadata=m)
         for s, i, m in zip(shards, infos, footers, strict=True)
     ]
-    return manifest, files
 
 
 def load_manifest(
@@ -478,7 +483,7 @@ def load_manifest(
     store = ShardStore(root)
     manifest = _read_manifest_file(store)
     for split in manifest["splits"] if splits is None else splits:
-        inspect_split(store, split, verify=verify)
+        _check_split(store, manifest, split, verify=verify)
     return manifest
 
 
