@@ -126,7 +126,15 @@ def test_bf16_training_step_for_every_adapter(method):
     loss = _step(gpu, *_data("cuda"), device="cuda", amp=True)
     assert torch.isfinite(torch.tensor(loss))
     trainable = {n for n, _ in gpu.trainable_named_parameters()}
-    assert _with_grad(gpu) == _with_grad(cpu)
+
+    # Conv-LoRA's gate noise (training only) comes from each device's own RNG: which experts
+    # a step uses may differ, every other gradient must be where the CPU step put it.
+    def routed(names: set[str]) -> set[str]:
+        return {n for n in names if ".experts." not in n}
+
+    assert routed(_with_grad(gpu)) == routed(_with_grad(cpu))
+    if method == "conv_lora":
+        assert _with_grad(gpu) - routed(_with_grad(gpu))  # some expert was used and trained
     assert _with_grad(gpu) <= trainable
     assert all(torch.isfinite(p.grad).all() for p in gpu.parameters() if p.grad is not None)
 

@@ -201,13 +201,14 @@ _flex = {"fn": None, "failed": False}
 
 
 def flex_rel_pos_attention(q, k, v, rel_h, rel_w, scale: float) -> torch.Tensor:
-    """The same function through FlexAttention (compiled once per process): a ``score_mod``
+    """The same function through FlexAttention (compiled on first use; a second batch size
+    makes torch.compile recompile once with dynamic shapes): a ``score_mod``
     adds rel_h[b, head, n, m // W] + rel_w[b, head, n, m % W] to each score. Shapes as
     :class:`RelPosAttentionFunction`. Gradients need CUDA (FlexAttention has no CPU backward)."""
     if _flex["fn"] is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _flex["fn"] = torch.compile(flex_attention, dynamic=False)
+        _flex["fn"] = torch.compile(flex_attention)
     width = rel_w.shape[-1]
 
     def add_rel_pos(score, b, h, q_idx, kv_idx):
