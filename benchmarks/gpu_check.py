@@ -173,23 +173,27 @@ def count_flops(step: Callable[[], Any]) -> int:
 
 # --------------------------------------------------------------------------- sections
 def section_gpu_tests(s: Setting, out: Path, timeout_s: float) -> dict[str, Any]:
-    """``pytest -m gpu`` in a subprocess, killed after ``timeout_s``."""
+    """``pytest -m gpu`` in a subprocess, killed after ``timeout_s`` (at least 1 s)."""
+    timeout_s = max(1.0, timeout_s)
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider"]
     cmd += [str(REPO / "tests" / "test_gpu.py"), f"--junitxml={out / 'gpu_tests.xml'}"]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true")
+    # A session of its own: on a time-out the whole group goes (the tests' Ray processes too).
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
     try:
-        r = subprocess.run(
-            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(1.0, timeout_s)
-        )
-    except subprocess.TimeoutExpired as e:
-        tail = (e.stdout or b"")[-3000:]
-        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
-        (out / "gpu_tests.log").write_text(tail)
-        return {"ok": False, "error": f"pytest -m gpu timed out after {timeout_s:.0f} s"}
-    (out / "gpu_tests.log").write_text(r.stdout + r.stderr)
-    summary = [x for x in r.stdout.splitlines() if x.strip()][-1:] or [""]
+        log, _ = proc.communicate(timeout=timeout_s)
+    except BaseException:  # the time-out, or the budget's alarm
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        (out / "gpu_tests.log").write_text(log or "")
+        return {"ok": False, "error": f"pytest -m gpu did not finish in {timeout_s:.0f} s"}
+    (out / "gpu_tests.log").write_text(log)
+    summary = [x for x in log.splitlines() if x.strip()][-1:] or [""]
     # 0: all passed; 5: nothing collected (must not happen: the file has gpu tests)
-    return {"ok": r.returncode == 0, "returncode": r.returncode, "summary": summary[0]}
+    return {"ok": proc.returncode == 0, "returncode": proc.returncode, "summary": summary[0]}
 
 
 def section_throughput(s: Setting, peak: float | None) -> dict[str, Any]:
@@ -211,40 +215,45 @@ def section_throughput(s: Setting, peak: float | None) -> dict[str, Any]:
         finally:
             attention._flex["failed"] = False
         flops_note = f"FlopCounterMode with the blocked attention ({type(e).__name__} with flex)"
-    rows = []
-    for ckpt in (False, True):
+    rows: list[dict[str, Any]] = []
+    finished = True
+    for ckpt, b in [(c, b) for c in (False, True) for b in s.batches]:
         model.activation_checkpointing = ckpt
-        for b in s.batches:
-            row: dict[str, Any] = {"batch": b, "checkpointing": ckpt}
-            images = targets = step = None
-            try:
-                images, targets = batch(s, b)
-                step = train_step(model, s, images, targets)
-                for _ in range(s.warmup):
-                    step()
-                if s.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(s.device)
-                times = [timed(step, s.device) for _ in range(s.steps)]
-                t = statistics.median(times)
-                row["step_s"] = t
-                row["images_per_s"] = b / t
-                row["tflops_per_s"] = flops_per_image * b / t / 1e12
-                row["mfu"] = row["tflops_per_s"] / peak if peak else None
-                if s.device.type == "cuda":
-                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30
-            except torch.OutOfMemoryError:
-                row["error"] = "out of memory"
-            finally:
-                del images, targets, step
-                model.zero_grad(set_to_none=True)  # an out-of-memory step leaves gradients
-                if s.device.type == "cuda":
-                    torch.cuda.empty_cache()
-            rows.append(row)
+        row: dict[str, Any] = {"batch": b, "checkpointing": ckpt}
+        images = targets = step = None
+        try:
+            images, targets = batch(s, b)
+            step = train_step(model, s, images, targets)
+            for _ in range(s.warmup):
+                step()
+            if s.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(s.device)
+            times = [timed(step, s.device) for _ in range(s.steps)]
+            t = statistics.median(times)
+            row["step_s"] = t
+            row["images_per_s"] = b / t
+            row["tflops_per_s"] = flops_per_image * b / t / 1e12
+            row["mfu"] = row["tflops_per_s"] / peak if peak else None
+            if s.device.type == "cuda":
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory"
+        except BudgetExceeded:
+            row["error"] = "the time budget ran out"
+            finished = False
+        finally:
+            del images, targets, step
+            model.zero_grad(set_to_none=True)  # an out-of-memory step leaves gradients
+            if s.device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        if not finished:
+            break
     model.activation_checkpointing = False
     mfus = [r["mfu"] for r in rows if r.get("mfu") is not None]
     best = max(mfus) if mfus else None
     return {
-        "ok": any("step_s" in r for r in rows),
+        "ok": finished and any("step_s" in r for r in rows),
         "flops_per_image": flops_per_image,
         "flops_note": flops_note,
         "rows": rows,

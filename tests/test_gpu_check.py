@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,19 @@ def test_out_must_be_a_folder(tmp_path, capsys):
     f.write_text("x")
     assert gpu_check.main(["--out", str(f), "--dry-run"]) == 2
     assert capsys.readouterr().err.strip() == f"error: --out {f}: exists and is not a folder"
+
+
+def test_the_budget_ends_sections_and_the_run_fails(tmp_path, monkeypatch):
+    """A budget too small for the work: the pytest subprocess is killed, an in-process section
+    (here one that would sleep for a minute) is interrupted by the alarm, the report is still
+    written and the exit status is 1."""
+    monkeypatch.setattr(gpu_check, "section_tora_cost", lambda s: time.sleep(60))
+    t0 = time.perf_counter()
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--budget-s", "2"]) == 1
+    assert time.perf_counter() - t0 < 30
+    sections = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
+    assert sections["gpu_tests"]["ok"] is False
+    assert sections["gpu_tests"]["error"] == "pytest -m gpu did not finish in 1 s"
+    assert sections["gpu_tests"]["seconds"] < 5
+    assert sections["tora_cost"]["ok"] is False
+    assert sections["tora_cost"]["error"] == "BudgetExceeded: the wall-time budget ran out"

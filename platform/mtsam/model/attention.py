@@ -140,8 +140,11 @@ class RelPosAttentionFunction(torch.autograd.Function):
         bh = b * heads
         q_s = (q * scale).reshape(bh, n, -1)
         k_t = k.reshape(bh, n, -1).transpose(1, 2).contiguous()
-        v = v.reshape(bh, n, -1)
-        rel_h, rel_w = rel_h.reshape(bh, n, -1), rel_w.reshape(bh, n, -1)
+        # Contiguous copies (N x C each): v is a strided view of the fused qkv output, and
+        # strided operands make every block's matrix product several times slower.
+        v = v.reshape(bh, n, -1).contiguous()
+        rel_h = rel_h.reshape(bh, n, -1).contiguous()
+        rel_w = rel_w.reshape(bh, n, -1).contiguous()
         out = v.new_empty(bh, n, v.shape[-1])
         lse = torch.empty(bh, n, 1, dtype=_acc_dtype(q), device=q.device)
         for gs, qs in _score_blocks(bh, n):
