@@ -213,3 +213,117 @@ def test_gpu_calls_with_a_mask_gradient_use_kernels_that_give_one(monkeypatch):
     _randomise(ref, seed=1)
     SdpaAttention.from_attention(ref)(torch.randn(2, 4, 5, 24)).sum().backward()
     assert len(seen) == 1 and seen[0].shape == (2, 3, 20, 20) and seen[0].requires_grad
+
+
+# ---------------------------------------------------------------- bias-free global attention
+# RelPosAttentionFunction splits the scores into blocks of at most SCORE_BLOCK entries: the
+# default (every head at once for these sizes), one head at a time, and a few query rows of
+# one head (rows that do not divide N: 35 tokens, 8 rows per block).
+BLOCKS = {"whole": 1 << 24, "per-head": 35 * 35, "rows": 8 * 35}  # 20 tokens: 14 rows
+
+
+@pytest.mark.parametrize(
+    "dtype,input_size,grid,block",
+    [
+        (torch.float32, (5, 7), (5, 7), "whole"),
+        (torch.float32, (6, 6), (4, 5), "rows"),  # other table length: interpolated
+        (torch.float64, (5, 7), (5, 7), "whole"),
+        (torch.float64, (5, 7), (5, 7), "per-head"),
+        (torch.float64, (5, 7), (5, 7), "rows"),
+        (torch.float64, (6, 6), (4, 5), "rows"),
+    ],
+    ids=["f32", "f32-interp-rows", "f64", "f64-per-head", "f64-rows", "f64-interp-rows"],
+)
+def test_bias_free_attention_matches_segment_anything(monkeypatch, block, dtype, input_size, grid):
+    monkeypatch.setattr(attention, "SCORE_BLOCK", BLOCKS[block])
+    torch.manual_seed(0)
+    ref = Attention(24, num_heads=3, use_rel_pos=True, input_size=input_size).to(dtype)
+    _randomise(ref, seed=1, scale=0.5)  # large enough that the bias matters to the softmax
+    fast = SdpaAttention.from_attention(copy.deepcopy(ref), bias_free=True)
+    x = torch.randn(2, *grid, 24, dtype=dtype)
+    weight = torch.randn(2, *grid, 24, dtype=dtype)
+    names = ["qkv.weight", "qkv.bias", "proj.weight", "rel_pos_h", "rel_pos_w"]
+    out_ref, g_ref = _grads(ref, x, names, weight)
+    out_fast, g_fast = _grads(fast, x, names, weight)
+    # float32: both sides round (scores up to ~30 here); float64 shows the two are equal.
+    tol = 5e-5 if dtype == torch.float32 else TOL[dtype]
+    assert_near(out_fast, out_ref, tol, "output")
+    for name, a, b in zip(["input", *names], g_fast, g_ref, strict=True):
+        assert b.abs().max() > 0, name
+        assert_near(a, b, tol, f"grad {name}")
+
+
+def test_bias_free_function_gradcheck(monkeypatch):
+    """Autograd's numerical check of the hand-written backward, on the function alone
+    (float64, two blocks of query rows)."""
+    monkeypatch.setattr(attention, "SCORE_BLOCK", 3 * 6)
+    g = torch.Generator().manual_seed(0)
+    b, heads, h, w, c = 1, 2, 2, 3, 4
+    n = h * w
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+
+    inputs = (rand(b, heads, n, c), rand(b, heads, n, c), rand(b, heads, n, 5))
+    inputs += (rand(b, heads, n, h), rand(b, heads, n, w))
+    assert torch.autograd.gradcheck(
+        lambda *t: attention.RelPosAttentionFunction.apply(*t, 0.7), inputs, fast_mode=True
+    )
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any operation returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("bias_free", [True, False], ids=["bias-free", "mask"])
+def test_bias_free_attention_never_holds_the_bias(monkeypatch, bias_free):
+    """Forward and backward of a global block: no tensor as large as one head's (N, N) bias
+    exists with the bias-free path; the mask path (the case that must fail) makes several."""
+    n = 12 * 12
+    monkeypatch.setattr(attention, "SCORE_BLOCK", n * 8)  # 8 query rows of one head
+    ref = Attention(16, num_heads=4, use_rel_pos=True, input_size=(12, 12))
+    _randomise(ref, seed=1)
+    fast = SdpaAttention.from_attention(ref, bias_free=bias_free)
+    x = torch.randn(2, 12, 12, 16, requires_grad=True)
+    with _LargestTensor() as seen:
+        fast(x).square().sum().backward()
+    full = 2 * 4 * n * n  # (B, heads, N, N)
+    if bias_free:  # the largest are the (B, N, 3 * dim) qkv activations and their gradient
+        assert seen.largest < n * n
+    else:
+        assert seen.largest >= full
+
+
+def test_global_blocks_get_the_bias_free_path():
+    torch.manual_seed(0)
+    enc = build_image_encoder(get_preset("tiny"))  # blocks 1 and 3 global, 0 and 2 windowed
+    use_sdpa_attention(enc)
+    assert [b.attn.bias_free for b in enc.blocks] == [b.window_size == 0 for b in enc.blocks]
+    assert [b.attn.bias_free for b in enc.blocks] == [False, True, False, True]
+
+
+def test_flex_attention_forward_matches_segment_anything():
+    """The CUDA path's score_mod, compiled on the CPU (forward only: FlexAttention has no CPU
+    backward; tests/test_gpu.py checks its gradients on CUDA)."""
+    torch.manual_seed(0)
+    ref = Attention(32, num_heads=2, use_rel_pos=True, input_size=(4, 8))
+    _randomise(ref, seed=1, scale=0.5)
+    x = torch.randn(1, 4, 8, 32)
+    with torch.no_grad():
+        qkv = ref.qkv(x).reshape(1, 32, 3, 2, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        rel_h, rel_w = attention.rel_pos_terms(q, ref.rel_pos_h, ref.rel_pos_w, (4, 8))
+        out = attention.flex_rel_pos_attention(q, k, v, rel_h, rel_w, ref.scale)
+        out = ref.proj(out.transpose(1, 2).reshape(1, 4, 8, -1))
+        assert_near(out, ref(x), TOL[torch.float32], "flex output")
