@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if "://" not in storage:  # (a URI storage path is no local folder to write into)
         runner.save_run_config(Path(storage) / name, cfg)
     t0 = time.time()
-    metric = "val/delta_m" if cfg.data.baseline else None
+    metric = "val/delta_m" if cfg.data.baseline_table() else None
     from ray.train import TrainingFailedError
 
     try:
