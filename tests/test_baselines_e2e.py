@@ -29,6 +29,7 @@ SMALL = [
     "train.vis_samples=0",
     "scaling.cpus_per_worker=0.6",
     "data.tasks=[depth, normal]",
+    "train.task_weights={}",
 ]
 
 pytestmark = pytest.mark.slow
@@ -107,7 +108,7 @@ def test_measure_baselines_then_sweep_two_objectives(tmp_path):
     assert {c.info.run_name: c.info.run_id for c in children} == prov["mlflow"]["runs"]
     for child in children:  # each child trained one task, and its last epoch is the baseline
         task = child.info.run_name
-        assert child.data.params["data.tasks"] == f"['{task}']"
+        assert json.loads(child.data.params["data.tasks"]) == [task]
         for m, v in measured["baseline"][task].items():
             assert child.data.metrics[f"val/{task}/{m}"] == pytest.approx(v)
     got = Path(client.download_artifacts(parent.info.run_id, "baselines.json", str(tmp_path)))
