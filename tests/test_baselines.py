@@ -263,3 +263,32 @@ def test_pareto_front_skips_unfinished_points():
         "a",
         "b",
     ]
+
+
+def test_the_table_marks_the_front_and_the_plot_draws_it(tmp_path):
+    """Hand-computed front: c is dominated by a; b and e are equal (both stay); the failed d
+    would dominate everything but did not finish."""
+    from mtsam.tune.driver import TrialRow
+    from mtsam.tune.sweep import Plan, mark_front, plot_front, render
+
+    objectives = (("val/delta_m", "max"), ("adapter_params", "min"))
+    data = [
+        ("a", 1.0, 100, "TERMINATED"),
+        ("b", 2.0, 300, "TERMINATED"),
+        ("c", 0.5, 300, "TERMINATED"),
+        ("d", 5.0, 50, "ERROR"),
+        ("e", 2.0, 300, "TERMINATED"),
+    ]
+    rows = [
+        TrialRow(t, s, {}, {"val/delta_m": dm, "adapter_params": n}, None, 1, 10)
+        for t, dm, n, s in data
+    ]
+    mark_front(rows, objectives)
+    assert [r.trial_id for r in rows if r.pareto] == ["a", "b", "e"]
+    text = render(rows, rows[1], plan=Plan("val/delta_m", "max", objectives), path="sweep")
+    assert "Pareto-optimal trials (pareto = yes): a, b, e" in text
+    lines = [ln.rstrip() for ln in text.splitlines()]
+    yes = {ln.replace("*", " ").split()[0] for ln in lines if ln.endswith(" yes")}
+    assert yes == {"a", "b", "e"}
+    png = plot_front(rows, objectives, tmp_path / "pareto.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
