@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or Path(cfg.output_dir) / "baselines" / f"{name}.json").resolve()
         if out.exists() and not out.is_file():
             raise ValueError(f"--out {out}: exists and is not a file")
+        try:  # a folder that cannot be made fails now, not after the training
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {out}: its folder cannot be created ({e.strerror})") from None
         base_weights = runner.read_base_weights(cfg)  # checked before Ray starts
         runner.prepare_data(cfg)
         if cfg.tracking.enabled:
@@ -76,9 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     for task, error in report.errors.items():
         print(f"error: {task}: {error}", file=sys.stderr)
     if report.errors or not report.values:
-        print(f"error: no baselines file written ({len(report.errors)} task(s) failed)")
+        print(
+            f"error: no baselines file written ({len(report.errors)} task(s) failed)",
+            file=sys.stderr,
+        )
         return 1
-    write_file(out, report.values, report.provenance)
+    try:
+        write_file(out, report.values, report.provenance)
+    except OSError as e:
+        return fail(ValueError(f"--out {out}: cannot be written ({e.strerror})"), code=1)
     width = max(len(t) for t in report.values)
     for task, metrics in report.values.items():
         shown = ", ".join(f"{m} {v:.4g}" for m, v in metrics.items())
