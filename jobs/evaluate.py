@@ -173,7 +173,7 @@ def evaluate_split(cfg, model, tasks, *, split: str, device=None) -> dict[str, f
     device = device or torch.device("cpu")
     precision = cfg.train.precision if device.type == "cuda" else "fp32"
     results = evaluate(model.to(device), loader, tasks, device=device, precision=precision)
-    return flat_metrics(results, cfg.data.baseline or None, task_metric_directions(tasks))
+    return flat_metrics(results, cfg.data.baseline_table() or None, task_metric_directions(tasks))
 
 
 # With --adapter, the model keys that still apply: the base weights and the attention kernel.

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # e.g. write access denied on the bucket
         return fail(e)
     t0 = time.time()
-    metric = "val/delta_m" if cfg.data.baseline else None
+    metric = "val/delta_m" if cfg.data.baseline_table() else None
     from ray.train import TrainingFailedError
 
     try:

@@ -54,8 +54,12 @@ class _Section(BaseModel):
         """Pydantic's lax mode reads ``epochs: true`` as 1 and ``augment: 1`` as true; a
         switch and a number are never confused here (strings such as '1e-3' still parse)."""
         field = cls.model_fields[info.field_name]  # type: ignore[index]
-        if get_origin(field.annotation) is dict:  # {name: number} tables, e.g. task weights
-            numeric = _numeric_values(field.annotation)
+        tables = [
+            a for a in (field.annotation, *get_args(field.annotation)) if get_origin(a) is dict
+        ]
+        if tables and (isinstance(value, Mapping) or get_origin(field.annotation) is dict):
+            # {name: number} tables, e.g. task weights (or a table beside a file path)
+            numeric = any(_numeric_values(a) for a in tables)
             if numeric and isinstance(value, Mapping) and (where := _bool_leaf(value)):
                 raise ValueError(f"{where}: expected a number, not true/false")
             return value
@@ -151,6 +155,19 @@ class ScenesConfig(_Section):
     seed: int = Field(0, description="Generator seed (same seed, same bytes).")
 
 
+class BaselineRecord(_Section):
+    ref: str = Field(description="data.baseline as written (a file path or runs:/ URI).")
+    source: str = Field(description="What was read: the absolute file path or the runs:/ URI.")
+    sha256: str = Field(description="sha256 of the file's text.")
+    values: dict[str, dict[str, float]] = Field(
+        description="The file's {task: {metric: value}} (every task it holds)."
+    )
+    provenance: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Where the values came from (MLflow runs, config digest, date, code).",
+    )
+
+
 class DataConfig(_Section):
     dataset: Literal["scenes", "nyuv2", "cityscapes", "pascal_context"] = Field(
         "scenes",
@@ -177,10 +194,17 @@ class DataConfig(_Section):
     augment: bool = Field(True, description="Random scale-crop and horizontal flip in training.")
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per trainer.")
     scenes: ScenesConfig = Field(default_factory=ScenesConfig, description="Generated scenes.")
-    baseline: dict[str, dict[str, float]] = Field(
+    baseline: dict[str, dict[str, float]] | str = Field(
         default_factory=dict,
-        description="Single-task baseline {task: {metric: value}} for delta_m, in the units "
-        "the metrics are logged in (fractions such as miou 0.42, not percent).",
+        description="Single-task baseline for delta_m: the file jobs/baselines.py writes (a "
+        "path, relative to the YAML file that names it), its MLflow run (runs:/<run id>), or "
+        "an inline {task: {metric: value}} table in the units the metrics are logged in "
+        "(fractions such as miou 0.42, not percent).",
+    )
+    baseline_record: BaselineRecord | None = Field(
+        None,
+        description="Filled when the config is loaded, for a file or runs:/ data.baseline: the "
+        "values read and their provenance (not written by hand).",
     )
     eval_protocol: Literal["pooled", "per_image"] = Field(
         "pooled",
@@ -213,11 +237,45 @@ class DataConfig(_Section):
                 f"data.root = {self.root!r}: only Parquet shards are read from a URI; "
                 "set data.format = shards (see jobs/prepare_data.py)"
             )
-        if self.baseline:
+        if isinstance(self.baseline, str):
+            if not self.baseline.strip():
+                raise ValueError(
+                    "data.baseline: empty; expected a file path, runs:/<run id> or a table"
+                )
+            if self.baseline_record is not None and self.baseline_record.ref != self.baseline:
+                raise ValueError(
+                    f"data.baseline_record: read for data.baseline = "
+                    f"{self.baseline_record.ref!r}, not {self.baseline!r}"
+                )
+        elif self.baseline_record is not None:
+            raise ValueError("data.baseline_record: only with a file or runs:/ data.baseline")
+        table = self.baseline_table(missing_ok=True)
+        if table:
             from mtsam.tasks.registry import check_baseline  # the task specs import torch
 
-            check_baseline(self.baseline, self.tasks)
+            try:
+                check_baseline(table, self.tasks)
+            except ValueError as e:
+                if self.baseline_record is None:
+                    raise
+                raise ValueError(f"{e} (read from {self.baseline_record.source})") from None
         return self
+
+    def baseline_table(self, *, missing_ok: bool = False) -> dict[str, dict[str, float]]:
+        """The baseline values for ``tasks`` ({} when there is none): the inline table, or the
+        tasks of the file ``data.baseline`` names. A file not read yet (a config validated
+        without :func:`build_config`) raises unless ``missing_ok``."""
+        if not isinstance(self.baseline, str):
+            return {t: dict(ms) for t, ms in self.baseline.items()}
+        if self.baseline_record is None:
+            if missing_ok:
+                return {}
+            raise ValueError(
+                f"data.baseline = {self.baseline!r}: not read yet (load the config with "
+                "load_config / build_config, which read it)"
+            )
+        values = self.baseline_record.values
+        return {t: dict(values[t]) for t in self.tasks if t in values}
 
     @property
     def classes(self) -> int:
@@ -337,7 +395,9 @@ class AshaConfig(_Section):
 class TuneConfig(_Section):
     num_samples: int = Field(4, ge=1, description="Trials to sample (per grid point for grid).")
     searcher: Literal["random", "grid", "optuna"] = Field(
-        "random", description="random, grid (all combinations of 'grid' entries), or optuna (TPE)."
+        "random",
+        description="random, grid (all combinations of 'grid' entries; the other entries "
+        "sampled for each), or optuna (TPE).",
     )
     scheduler: Literal["fifo", "asha"] = Field("fifo", description="fifo or asha early stopping.")
     asha: AshaConfig = Field(default_factory=AshaConfig, description="ASHA settings.")
@@ -346,6 +406,13 @@ class TuneConfig(_Section):
     )
     mode: Literal["auto", "max", "min"] = Field(
         "auto", description="auto: from the metric's direction (delta_m: max)."
+    )
+    objectives: dict[str, Literal["max", "min"]] = Field(
+        default_factory=dict,
+        description="Two or more metrics to optimise together, with their directions, e.g. "
+        "{val/delta_m: max, adapter_params: min}: the sweep reports the Pareto front (tune.metric "
+        "and tune.mode are then unused). Metrics: val/delta_m, val/<task>/<metric>, "
+        "adapter_params, trainable_params.",
     )
     max_concurrent_trials: int = Field(1, ge=1, description="Trials running at once.")
     driver_cpus: float = Field(
@@ -363,12 +430,29 @@ class TuneConfig(_Section):
         for key in self.space:
             if key.split(".")[0] in ("tune", "tracking", "scaling"):
                 raise ValueError(f"tune.space.{key}: only model/adapter/data/train keys can vary")
-        if self.searcher == "grid" and any(e.type != "grid" for e in self.space.values()):
-            bad = [k for k, e in self.space.items() if e.type != "grid"]
-            raise ValueError(f"tune.space.{bad[0]}: searcher 'grid' needs type 'grid' entries")
+        if self.searcher == "grid" and not any(e.type == "grid" for e in self.space.values()):
+            # other entries are sampled once per grid point (Tune's own rule), so a grid
+            # search can pin a few keys of a space that samples the rest
+            raise ValueError("tune.searcher = 'grid': tune.space has no entry of type 'grid'")
         if self.searcher == "optuna" and any(e.type == "grid" for e in self.space.values()):
             bad = [k for k, e in self.space.items() if e.type == "grid"]
             raise ValueError(f"tune.space.{bad[0]}: optuna cannot take 'grid' (use choice)")
+        if len(self.objectives) == 1:
+            raise ValueError(
+                f"tune.objectives: names one metric {list(self.objectives)}; name two or more, "
+                "or use tune.metric and tune.mode for one"
+            )
+        if self.objectives and self.scheduler == "asha":
+            raise ValueError(
+                f"tune.scheduler = 'asha' stops trials by one metric, but tune.objectives names "
+                f"{len(self.objectives)} ({', '.join(self.objectives)}); use tune.scheduler=fifo"
+            )
+        if self.objectives and self.metric != "val/delta_m" and self.metric not in self.objectives:
+            raise ValueError(
+                f"tune.metric = {self.metric!r} is not one of tune.objectives "
+                f"{list(self.objectives)}; with tune.objectives the sweep optimises those "
+                "(set tune.objectives={} to optimise tune.metric alone)"
+            )
         return self
 
 
@@ -420,6 +504,9 @@ class ExperimentConfig(_Section):
         if self.train.precision == "bf16" and not self.scaling.use_gpu:
             raise ValueError("train.precision = 'bf16': needs scaling.use_gpu = true (CPU is fp32)")
         _check_metric_name(self.tune.metric, tasks)
+        for metric in self.tune.objectives:
+            if metric not in PARAM_METRICS:
+                _check_metric_name(metric, tasks, key=f"tune.objectives.{metric}")
         for key, entry in self.tune.space.items():
             _check_space_key(self, key, entry)
         return self
@@ -439,21 +526,26 @@ class ExperimentConfig(_Section):
         return flatten(self.to_dict())
 
 
-def _check_metric_name(metric: str, tasks: Iterable[str]) -> None:
+# Parameter counts every trial reports beside its metrics (lower is cheaper): objectives too.
+PARAM_METRICS = ("adapter_params", "trainable_params")
+
+
+def _check_metric_name(metric: str, tasks: Iterable[str], key: str = "tune.metric") -> None:
     if metric == "val/delta_m":
         return
     parts = metric.split("/")
     if len(parts) != 3 or parts[0] != "val" or parts[1] not in tasks:
+        also = f", {' or '.join(PARAM_METRICS)}" if key != "tune.metric" else ""
         raise ValueError(
-            f"tune.metric = {metric!r}: expected 'val/delta_m' or 'val/<task>/<metric>' "
-            f"with a task in {list(tasks)}"
+            f"{key} = {metric!r}: expected 'val/delta_m' or 'val/<task>/<metric>' "
+            f"with a task in {list(tasks)}{also}"
         )
     from mtsam.tasks.registry import task_metric_directions  # the task specs import torch
 
     known = list(task_metric_directions([parts[1]])[parts[1]])
     if parts[2] not in known:
         raise ValueError(
-            f"tune.metric = {metric!r}: {parts[1]} reports no metric {parts[2]!r}; "
+            f"{key} = {metric!r}: {parts[1]} reports no metric {parts[2]!r}; "
             f"expected one of {known}"
         )
 
@@ -557,11 +649,21 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def build_config(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """Validate a config dict plus ``--set`` overrides; raise ``ConfigError`` (one line)."""
+def build_config(
+    data: Mapping[str, Any], overrides: Iterable[str] = (), *, base_dir: str | Path | None = None
+) -> ExperimentConfig:
+    """Validate a config dict plus ``--set`` overrides; raise ``ConfigError`` (one line).
+
+    A ``data.baseline`` naming a file or ``runs:/`` run is read here (into
+    ``data.baseline_record``): a relative path from ``base_dir`` (the folder of the YAML file
+    ``data`` came from), or from the current folder when an override set it.
+    """
     d: dict[str, Any] = dict(data)
     known = ExperimentConfig().flat()
+    baseline_dir = Path(base_dir) if base_dir is not None else Path.cwd()
     for key, value in parse_overrides(overrides):
+        if key == "data.baseline":
+            baseline_dir = Path.cwd()
         top = key.split(".")[0]
         if top not in ExperimentConfig.model_fields:
             raise ConfigError(
@@ -572,7 +674,13 @@ def build_config(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> Expe
         if field is not None:
             section, name = field.split(".")
             sub = key[len(field) + 1 :]
-            current = dict((d.get(section) or {}).get(name) or {})
+            current = (d.get(section) or {}).get(name) or {}
+            if not isinstance(current, Mapping):
+                raise ConfigError(
+                    f"config error: --set {key}: {field} = {current!r} names a file, not a "
+                    f"table; set {field} as a whole"
+                )
+            current = dict(current)
             if field == "tune.space":  # a space key is itself a dotted config key
                 current[sub] = value
             else:
@@ -582,10 +690,40 @@ def build_config(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> Expe
         if key not in known and not any(k.startswith(key + ".") for k in known):
             raise ConfigError(f"config error: --set {key}: no such config key")
         d = set_path(d, key, value)
+    d = _read_baseline(d, baseline_dir)
     try:
         return ExperimentConfig.model_validate(d)
     except ValidationError as e:
         raise ConfigError(f"config error: {_first(e)}") from None
+
+
+def _read_baseline(d: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """``d`` with ``data.baseline_record`` matching ``data.baseline``: read for a file or
+    ``runs:/`` reference (unless the record of that very reference is there already, as in a
+    resumed run's saved config), dropped for a table."""
+    data = d.get("data")
+    if not isinstance(data, Mapping):
+        return d
+    ref = data.get("baseline")
+    record = data.get("baseline_record")
+    if not isinstance(ref, str) or not ref.strip():
+        return set_path(d, "data.baseline_record", None) if record is not None else d
+    if isinstance(record, Mapping) and record.get("ref") == ref:
+        return d
+    from mtsam.tasks.baselines import BaselineError, read_reference
+
+    tracking_uri = None
+    if ref.startswith("runs:/"):
+        from mtsam.tracking.uri import resolve_tracking_uri
+
+        tracking = d.get("tracking") if isinstance(d.get("tracking"), Mapping) else {}
+        output_dir = d.get("output_dir") or ExperimentConfig.model_fields["output_dir"].default
+        tracking_uri = resolve_tracking_uri(tracking.get("uri"), output_dir)
+    try:
+        got = read_reference(ref, base_dir=base_dir, tracking_uri=tracking_uri)
+    except BaselineError as e:
+        raise ConfigError(f"config error: {e}") from None
+    return set_path(d, "data.baseline_record", got)
 
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> ExperimentConfig:
@@ -611,7 +749,7 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Exper
             raise ConfigError(f"config error: {path}: expected a mapping of sections at top level")
         data = loaded
     try:
-        return build_config(data, overrides)
+        return build_config(data, overrides, base_dir=path.parent if path is not None else None)
     except ConfigError as e:
         if path is None:
             raise

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from mtsam.config import ExperimentConfig
+from mtsam.tasks.baselines import ARTIFACT as BASELINE_ARTIFACT
+from mtsam.tasks.baselines import tracking_file, tracking_tags
 
 log = logging.getLogger("mtsam.tracking")
 
@@ -70,7 +72,8 @@ class TrackingObserver:
                 "base_preset": cfg.model.preset,
                 "dataset": cfg.data.dataset,
                 "git_commit": info.get("git_commit", "unknown"),
-            },
+            }
+            | tracking_tags(cfg.data),
             params=cfg.flat(),
         )
 
@@ -88,6 +91,9 @@ class TrackingObserver:
                 self.tracker.log_artifact_file(path, "plots")
             except Exception as e:
                 log.warning("param-growth plot not logged: %s", e)
+            if (text := tracking_file(self.cfg.data)) is not None:  # the baseline delta_m used
+                (Path(d) / BASELINE_ARTIFACT).write_text(text, encoding="utf-8")
+                self.tracker.log_artifact_file(Path(d) / BASELINE_ARTIFACT, "baseline")
 
     @_guarded
     def on_epoch(

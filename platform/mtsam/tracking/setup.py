@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mtsam.config import ExperimentConfig
+from mtsam.tasks.baselines import tracking_tags
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -61,7 +62,7 @@ def _info(cfg: ExperimentConfig, *, spool_root: str) -> dict[str, Any]:
         "git_commit": git_commit(),
         "parent_run_id": None,
         "metric": cfg.tune.metric
-        if cfg.data.baseline or cfg.tune.metric != "val/delta_m"
+        if cfg.data.baseline_table() or cfg.tune.metric != "val/delta_m"
         else None,
         "mode": None,
     }
@@ -79,9 +80,17 @@ def tracking_for_run(cfg: ExperimentConfig, *, run_name: str, storage: str) -> d
 
 
 def start_sweep_tracking(
-    cfg: ExperimentConfig, *, sweep_name: str, sweep_path: str, storage: str, metric: str, mode: str
+    cfg: ExperimentConfig,
+    *,
+    sweep_name: str,
+    sweep_path: str,
+    storage: str,
+    metric: str,
+    mode: str,
+    kind: str = "sweep",
 ) -> dict[str, Any]:
-    """Open (or, on resume, reopen) the sweep's parent run; trials nest under it."""
+    """Open (or, on resume, reopen) the sweep's parent run; trials nest under it. ``kind`` is
+    its tag ``mtsam.kind`` (``baselines`` for the runs of jobs/baselines.py)."""
     from mtsam.tracking.sweep import SWEEP_PATH_TAG, start_sweep_run
 
     info = _info(cfg, spool_root=spool_root(cfg, storage))
@@ -93,14 +102,37 @@ def start_sweep_tracking(
         params=cfg.flat(),
         tags={
             SWEEP_PATH_TAG: sweep_path,
-            "mtsam.kind": "sweep",
+            "mtsam.kind": kind,
             "git_commit": info["git_commit"],
             "dataset": cfg.data.dataset,
             "base_preset": cfg.model.preset,
-        },
+        }
+        | tracking_tags(cfg.data),
         request_timeout_s=cfg.tracking.request_timeout_s,
     )
+    log_baseline_file(cfg, info["uri"], info["parent_run_id"])
     return info
+
+
+def log_baseline_file(cfg: ExperimentConfig, uri: str, run_id: str) -> None:
+    """The baselines file the run's delta_m uses, as its artifact ``baseline/baselines.json``
+    (values and provenance are params too: ``data.baseline*``)."""
+    import tempfile
+
+    from mtsam.tasks.baselines import ARTIFACT, tracking_file
+    from mtsam.tracking.client import make_client
+    from mtsam.tracking.uri import TrackingError, http_limits
+
+    text = tracking_file(cfg.data)
+    if text is None:
+        return
+    try:
+        with http_limits(cfg.tracking.request_timeout_s), tempfile.TemporaryDirectory() as d:
+            path = Path(d) / ARTIFACT
+            path.write_text(text, encoding="utf-8")
+            make_client(uri).log_artifact(run_id, str(path), "baseline")
+    except Exception as e:  # the run was just created at this URI: report, do not hide
+        raise TrackingError(f"MLflow {uri}: cannot log the baseline file: {e}") from None
 
 
 def end_failed_run(info: dict[str, Any], message: str) -> str:
@@ -155,6 +187,8 @@ def finish_sweep_tracking(
             "epochs": r.epochs,
             "trainable_params": r.trainable_params,
         }
+        | ({"adapter_params": r.metrics["adapter_params"]} if "adapter_params" in r.metrics else {})
+        | ({"pareto": bool(r.pareto)} if getattr(r, "pareto", None) is not None else {})
         | {f"param/{k}": v for k, v in r.sample.items()}
         | {k: v for k, v in r.metrics.items() if k.startswith(("val/", "train/"))}
         for r in rows

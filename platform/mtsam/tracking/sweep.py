@@ -268,4 +268,67 @@ def plot_trials(
     return out
 
 
-__all__ = ["SWEEP_PATH_TAG", "end_open_trials", "finish_sweep", "plot_trials", "start_sweep_run"]
+def plot_pareto(
+    rows: Sequence[Mapping[str, Any]],
+    front: Sequence[bool],
+    path: str | Path,
+    *,
+    x_key: str,
+    y_key: str,
+    x_mode: str,
+    y_mode: str,
+) -> Path:
+    """PNG of ``y_key`` against ``x_key`` (e.g. delta_m against adapter parameters), one point
+    per trial, the Pareto front (``front[i]`` for ``rows[i]``) highlighted and joined by its
+    staircase: the best ``y`` reachable at each ``x``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pts = [
+        (_number(r.get(x_key)), _number(r.get(y_key)), bool(f))
+        for r, f in zip(rows, front, strict=True)
+    ]
+    pts = [(x, y, f) for x, y, f in pts if x is not None and y is not None]
+    fig = Figure(figsize=(6.0, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    others = [(x, y) for x, y, f in pts if not f]
+    on = sorted(((x, y) for x, y, f in pts if f), reverse=x_mode == "max")
+    if others:
+        ax.scatter(
+            [p[0] for p in others],
+            [p[1] for p in others],
+            s=22,
+            color="0.6",
+            label="dominated trials",
+        )
+    if on:
+        xs_on, ys_on = [p[0] for p in on], [p[1] for p in on]
+        ax.scatter(xs_on, ys_on, s=36, color="tab:red", zorder=3, label="Pareto front")
+        ax.step(xs_on, ys_on, where="post", color="tab:red", alpha=0.7)
+    xs = [x for x, _, _ in pts if x > 0]
+    if xs and max(xs) / min(xs) > 100:
+        ax.set_xscale("log")
+    ax.set_xlabel(f"{x_key} ({x_mode})")
+    ax.set_ylabel(f"{y_key} ({y_mode})")
+    ax.set_title(
+        f"{y_key} against {x_key}: {len(on)} of {len(pts)} trials on the front", fontsize=9
+    )
+    ax.grid(alpha=0.3)
+    if pts:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
+
+
+__all__ = [
+    "SWEEP_PATH_TAG",
+    "end_open_trials",
+    "finish_sweep",
+    "plot_pareto",
+    "plot_trials",
+    "start_sweep_run",
+]

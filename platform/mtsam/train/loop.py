@@ -277,6 +277,7 @@ def fit(
         return dict(final_metrics)
     fault = _fault_step()
     n_trainable = sum(p.numel() for p in params)
+    n_adapter = model.parameter_counts()["adapters"][0]  # the adapters' share (a sweep objective)
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, t_cfg.epochs):
         seed_epoch(cfg.seed, epoch, ctx.rank)
@@ -316,7 +317,7 @@ def fit(
             precision=t_cfg.precision,
             stacked=t_cfg.stacked,
         )
-        metrics = flat_metrics(results, cfg.data.baseline or None, directions)
+        metrics = flat_metrics(results, cfg.data.baseline_table() or None, directions)
         for k, v in stats.losses.items():  # train/loss/<task>, train/loss/total, train/orth_reg
             metrics[f"train/{k}" if k in ("orth_reg", "balance") else f"train/loss/{k}"] = v
         metrics.update({f"train/weight/{n}": w for n, w in weighting.epoch_weights().items()})
@@ -327,6 +328,7 @@ def fit(
                 "train/images_per_s": stats.images_per_s,
                 "train/lr": stats.lr,
                 "trainable_params": n_trainable,
+                "adapter_params": n_adapter,
                 "epoch": epoch + 1,
             }
         )

@@ -267,7 +267,7 @@ def make_trainer(
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
-    if metric is None and cfg.data.baseline:
+    if metric is None and cfg.data.baseline_table():
         metric = "val/delta_m"
     checkpoint_config = ray.train.CheckpointConfig(num_to_keep=2)
     if metric:

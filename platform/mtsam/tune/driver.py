@@ -65,6 +65,14 @@ class SweepContext:
     base_ref: Any = None
     base_fingerprint: str | None = None
     tracking: dict[str, Any] | None = None
+    objectives: tuple[tuple[str, str], ...] = ()  # (metric, mode) of a multi-objective sweep
+
+    def checkpoint_metric(self) -> str | None:
+        """What a trial ranks its checkpoints by: the metric, or the first ``val/`` objective
+        (a parameter count is the same at every epoch)."""
+        if not self.objectives:
+            return self.metric
+        return next((m for m, _ in self.objectives if m.startswith("val/")), None)
 
 
 def trial_driver(sample: dict[str, Any], ctx: SweepContext) -> None:
@@ -83,9 +91,8 @@ def trial_driver(sample: dict[str, Any], ctx: SweepContext) -> None:
     n_params = count_trainable(cfg)
     if budget and n_params > budget:
         print(f"trial {trial_id}: {n_params:,} trainable parameters > budget {budget:,}: rejected")
-        ray.tune.report(
-            {ctx.metric: worst(ctx.mode), REJECTED: 1, "trainable_params": n_params, "epoch": 0}
-        )
+        worst_values = {m: worst(d) for m, d in ctx.objectives} or {ctx.metric: worst(ctx.mode)}
+        ray.tune.report(worst_values | {REJECTED: 1, "trainable_params": n_params, "epoch": 0})
         return
     storage, name = trial_run_folder(ctx, trial_id)
     trainer = make_trainer(
@@ -95,7 +102,7 @@ def trial_driver(sample: dict[str, Any], ctx: SweepContext) -> None:
         base=(ctx.base_ref, ctx.base_fingerprint) if ctx.base_ref is not None else None,
         tracking=trial_tracking(ctx, trial_id),
         callbacks=[TuneReportCallback()],
-        metric=ctx.metric,
+        metric=ctx.checkpoint_metric(),
     )
     error = outcome_of(trainer.fit()).error
     if error:
@@ -130,6 +137,7 @@ class TrialRow:
     best_checkpoint: str | None
     epochs: int
     trainable_params: int | None
+    pareto: bool | None = None  # on the Pareto front (multi-objective sweeps only)
 
 
 def summarise(results: Any, *, metric: str, mode: str) -> list[TrialRow]:

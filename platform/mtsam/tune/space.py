@@ -61,12 +61,21 @@ def overrides_of(sample: Mapping[str, Any]) -> dict[str, Any]:
     return plain
 
 
-def make_searcher(kind: str, *, metric: str, mode: str, seed: int, max_concurrent: int):
+def make_searcher(
+    kind: str,
+    *,
+    metric: str | list[str],
+    mode: str | list[str],
+    seed: int,
+    max_concurrent: int,
+):
     """Tune's random / grid variant generator or Optuna's TPE, both seeded by ``seed``.
 
     Seeding the variant generator makes a random sweep sample the same configurations on every
     run with the same seed (so two schedulers can be compared on the same trials). Optuna is
     wrapped in a ``ConcurrencyLimiter``; the variant generator limits concurrency itself.
+    Lists of metrics and modes (one mode per metric) make Optuna's TPE sampler search them
+    as one multi-objective study (it keeps the non-dominated trials as its reference).
     """
     if kind in ("random", "grid"):
         from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -77,6 +86,10 @@ def make_searcher(kind: str, *, metric: str, mode: str, seed: int, max_concurren
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
+        if isinstance(metric, list) != isinstance(mode, list) or (
+            isinstance(metric, list) and len(metric) != len(mode)
+        ):
+            raise ValueError(f"make_searcher: one mode per metric, got {metric} and {mode}")
         searcher = OptunaSearch(
             metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=seed)
         )

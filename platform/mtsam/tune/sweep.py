@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from mtsam.cli import metrics_table
-from mtsam.config import ExperimentConfig
+from mtsam.config import PARAM_METRICS, ExperimentConfig
 from mtsam.storage import join
 from mtsam.tune.driver import SweepContext, TrialRow, best_row, summarise, trial_driver
+from mtsam.tune.pareto import pareto_front
 from mtsam.tune.space import make_scheduler, make_searcher, tune_space
 
 
@@ -24,24 +25,36 @@ class SweepError(RuntimeError):
 
 @dataclass(frozen=True)
 class Plan:
-    metric: str
+    metric: str  # the metric the best trial is picked by (the first objective)
     mode: str
+    objectives: tuple[tuple[str, str], ...] = ()  # (metric, mode) pairs of a Pareto sweep
+
+    @property
+    def multi(self) -> bool:
+        return len(self.objectives) > 1
 
 
 def plan(cfg: ExperimentConfig) -> Plan:
     """Check what only a sweep needs, before anything starts; one-line errors name the key."""
     from mtsam.train.runner import score_order
 
-    metric = cfg.tune.metric
+    objectives = tuple(cfg.tune.objectives.items())
+    metrics = [m for m, _ in objectives] or [cfg.tune.metric]
     # The config has checked that a per-task metric exists; delta_m also needs a baseline.
-    if metric == "val/delta_m":
-        missing = [t for t in cfg.data.tasks if t not in cfg.data.baseline]
+    if "val/delta_m" in metrics:
+        table = cfg.data.baseline_table()
+        missing = [t for t in cfg.data.tasks if t not in table]
         if missing:
+            key = "tune.objectives" if objectives else "tune.metric = 'val/delta_m'"
             raise ValueError(
-                f"config error: tune.metric = 'val/delta_m' needs data.baseline for every task; "
-                f"missing {missing}"
+                f"config error: {key} needs data.baseline for every task; missing {missing}: "
+                "measure single-task baselines with jobs/baselines.py --config <this config> and "
+                "set data.baseline to the file it writes, or optimise a named metric "
+                "(tune.metric=val/<task>/<metric>)"
             )
-    return Plan(metric=metric, mode=score_order(cfg, metric))
+    if objectives:
+        return Plan(metric=objectives[0][0], mode=objectives[0][1], objectives=objectives)
+    return Plan(metric=cfg.tune.metric, mode=score_order(cfg, cfg.tune.metric))
 
 
 @dataclass
@@ -100,6 +113,7 @@ def run(
         base_ref=base[0] if base else None,
         base_fingerprint=base[1] if base else None,
         tracking=tracking,
+        objectives=plan.objectives,
     )
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(trial_driver, ctx=ctx), {"cpu": cfg.tune.driver_cpus}
@@ -112,17 +126,21 @@ def run(
         )
     else:
         t = cfg.tune
+        # Several objectives: the searcher gets them all (Optuna's multi-objective sampler);
+        # Tune itself ranks by no single metric (the config refuses ASHA with them).
+        metrics = [m for m, _ in plan.objectives] or plan.metric
+        modes = [m for _, m in plan.objectives] or plan.mode
         tuner = ray.tune.Tuner(
             trainable,
             param_space=tune_space(t.space),
             tune_config=ray.tune.TuneConfig(
-                metric=plan.metric,
-                mode=plan.mode,
+                metric=None if plan.multi else plan.metric,
+                mode=None if plan.multi else plan.mode,
                 num_samples=t.num_samples,
                 search_alg=make_searcher(
                     t.searcher,
-                    metric=plan.metric,
-                    mode=plan.mode,
+                    metric=metrics,
+                    mode=modes,
                     seed=cfg.seed,
                     max_concurrent=t.max_concurrent_trials,
                 ),
@@ -144,6 +162,8 @@ def run(
     for r in rows:  # Ray names checkpoints in object storage by bucket/...: give the URI
         r.best_checkpoint = store.as_uri(storage, r.best_checkpoint)
     best = best_row(rows, metric=plan.metric, mode=plan.mode)
+    if plan.multi:
+        mark_front(rows, plan.objectives)
     exp_shown = store.as_uri(storage, str(results.experiment_path)) or exp
     text = render(rows, best, plan=plan, path=exp_shown)
     interrupted = ctrl_c.seen
@@ -157,6 +177,11 @@ def run(
 
         # the summary files and the parent run's spool need a local folder
         local = exp_path if exp_path is not None else Path(spool_root(cfg, storage)) / name
+        if plan.multi:  # uploaded with the summary folder
+            try:
+                plot_front(rows, plan.objectives, local / "summary" / "pareto.png")
+            except Exception as e:  # the sweep's results stand without the picture
+                text += f"\nPareto plot not drawn: {e}"
         text += "\n" + finish_sweep_tracking(
             cfg,
             tracking,
@@ -204,26 +229,79 @@ def _ctrl_c_watch():
         signal.signal(signal.SIGINT, previous)
 
 
+def mark_front(rows: list[TrialRow], objectives: tuple[tuple[str, str], ...]) -> None:
+    """Set ``pareto`` on every row: True on the front of the finished trials' objective
+    values (a trial's values are those of its best epoch by the first objective)."""
+    nan = float("nan")
+    points = [
+        [_float(r.metrics.get(m)) if r.status == "TERMINATED" else nan for m, _ in objectives]
+        for r in rows
+    ]
+    for r, on in zip(rows, pareto_front(points, [m for _, m in objectives]), strict=True):
+        r.pareto = on
+
+
+def plot_front(rows: list[TrialRow], objectives: tuple[tuple[str, str], ...], path: Path) -> Path:
+    """The first objective against the second (e.g. delta_m against adapter parameters), with
+    the Pareto front drawn through its trials (``mark_front`` first)."""
+    from mtsam.tracking.sweep import plot_pareto
+
+    (y_key, y_mode), (x_key, x_mode) = objectives[0], objectives[1]
+    if x_key not in PARAM_METRICS and y_key in PARAM_METRICS:  # parameters on the x axis
+        (x_key, x_mode), (y_key, y_mode) = (y_key, y_mode), (x_key, x_mode)
+    return plot_pareto(
+        [{x_key: r.metrics.get(x_key), y_key: r.metrics.get(y_key)} for r in rows],
+        [bool(r.pareto) for r in rows],
+        path,
+        x_key=x_key,
+        y_key=y_key,
+        x_mode=x_mode,
+        y_mode=y_mode,
+    )
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def render(rows: list[TrialRow], best: TrialRow | None, *, plan: Plan, path: str) -> str:
     sampled = sorted({k for r in rows for k in r.sample})
     metric_cols = sorted({k for r in rows for k in r.metrics if k.startswith("val/")})
-    if plan.metric in metric_cols:  # the optimised metric last, where the eye lands
-        metric_cols.remove(plan.metric)
-        metric_cols.append(plan.metric)
+    optimised = [m for m, _ in plan.objectives] or [plan.metric]
+    for m in optimised:  # the optimised metrics last, where the eye lands
+        if m in metric_cols:
+            metric_cols.remove(m)
+            metric_cols.append(m)
+    extra = ["adapter_params"] if "adapter_params" in optimised else []
     table_rows = {}
     for r in rows:
         values: dict[str, Any] = {k: _short(r.sample.get(k, "")) for k in sampled}
         values |= {k: r.metrics.get(k, float("nan")) for k in metric_cols}
+        values |= {k: _int_text(r.metrics.get(k)) for k in extra}
         values |= {"params": r.trainable_params or "", "epochs": r.epochs, "status": r.status}
+        if plan.multi:
+            values["pareto"] = "yes" if r.pareto else ""
         table_rows[r.trial_id] = values
+    what = (
+        "the Pareto front of " + ", ".join(f"{m} ({d})" for m, d in plan.objectives)
+        if plan.multi
+        else f"{plan.metric} ({plan.mode})"
+    )
+    columns = [*sampled, *metric_cols, *extra, "params", "epochs", "status"]
     lines = [
-        f"Sweep {path}: {len(rows)} trials, optimising {plan.metric} ({plan.mode})",
+        f"Sweep {path}: {len(rows)} trials, optimising {what}",
         metrics_table(
             table_rows,
-            columns=[*sampled, *metric_cols, "params", "epochs", "status"],
+            columns=[*columns, "pareto"] if plan.multi else columns,
             best=best.trial_id if best else None,
         ),
     ]
+    if plan.multi:
+        on = [r.trial_id for r in rows if r.pareto]
+        lines.append(f"Pareto-optimal trials (pareto = yes): {', '.join(on) or 'none'}")
     if best is not None:
         lines.append(
             f"* best trial {best.trial_id}: {plan.metric} = {best.metrics[plan.metric]:.4g}"
@@ -231,6 +309,11 @@ def render(rows: list[TrialRow], best: TrialRow | None, *, plan: Plan, path: str
         if best.best_checkpoint:
             lines.append(f"  best adapter: {join(best.best_checkpoint, 'adapter')}")
     return "\n".join(lines)
+
+
+def _int_text(v: Any) -> Any:
+    f = _float(v)
+    return int(f) if math.isfinite(f) else ""
 
 
 def _short(v: Any) -> Any:
