@@ -24,6 +24,7 @@ AWS_VARS = (
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_PROFILE",
+    "AWS_EC2_METADATA_DISABLED",
 )
 
 
@@ -50,6 +51,8 @@ def moto_s3(*buckets: str) -> Iterator[dict[str, str]]:
     settings = {
         "AWS_ENDPOINT_URL": f"http://{host}:{port}",
         "AWS_DEFAULT_REGION": "us-east-1",
+        # no lookups of an EC2 instance role (slow where there is no such service)
+        "AWS_EC2_METADATA_DISABLED": "true",
         **FAKE_KEYS,
     }
     saved = {k: os.environ.get(k) for k in AWS_VARS}

@@ -8,8 +8,6 @@ variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), as a cluster user 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import pickle
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from mtsam.train import runner
 from mtsam.train.context import local_context
 from mtsam.train.data import eval_loader, open_split, train_loader
 from mtsam.train.loop import data_root, fit
+from s3server import moto_s3, s3_client
 from test_shards import flip_last_data_byte
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,33 +31,10 @@ NUM_TRAIN, NUM_VAL = 8, 4
 
 @pytest.fixture(scope="module")
 def s3():
-    """moto's S3 server on a free loopback port, the standard AWS variables pointing at it;
-    yields a boto3 client. Under CI a missing moto fails instead of skipping."""
-    try:
-        import boto3
-        from moto.server import ThreadedMotoServer
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip("moto[server] is not installed (pip install 'moto[server]>=5')")
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(key, raising=False)
-        mp.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        try:
-            yield client
-        finally:
-            server.stop()
+    """moto's S3 server on a free loopback port with the bucket, the standard AWS variables
+    pointing at it; yields a boto3 client (under CI a missing moto fails instead of skipping)."""
+    with moto_s3(BUCKET):
+        yield s3_client()
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,12 @@ class StorageError(ValueError):
     """A storage URI that cannot be used; the message names it."""
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An error's message on one line (pyarrow's S3 errors span several), at most ``limit``."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def is_uri(path: str | Path | None) -> bool:
     """True for a URI with a scheme (``s3://...``, ``gs://...``), False for a local path."""
     return path is not None and "://" in str(path)
@@ -127,7 +133,7 @@ def _reason(e: BaseException) -> str:
         return "credentials refused (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
     if "CURL" in upper or "NETWORK_CONNECTION" in upper or "COULD NOT CONNECT" in upper:
         return f"storage endpoint unreachable (check AWS_ENDPOINT_URL): {text[:200]}"
-    return text[:300] or type(e).__name__
+    return first_line(e) or type(e).__name__
 
 
 def _info(uri: str, *, shown: str | None = None):

@@ -15,7 +15,8 @@ from mtsam.data.base import DenseDataset, Sample
 from mtsam.data.errors import DatasetError
 from mtsam.data.registry import READERS
 from mtsam.data.shards import MANIFEST, SHAPE_SUFFIX, decode_row, inspect_split
-from mtsam.data.storage import ShardStore, first_line
+from mtsam.data.storage import ShardStore
+from mtsam.storage import first_line
 
 
 class ShardDataset(DenseDataset):

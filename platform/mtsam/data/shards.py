@@ -48,7 +48,8 @@ import pyarrow.parquet as pq
 import torch
 
 from mtsam.data.errors import DatasetError
-from mtsam.data.storage import ShardStore, first_line
+from mtsam.data.storage import ShardStore
+from mtsam.storage import first_line
 
 FORMAT = "mtsam-shards"
 VERSION = 1

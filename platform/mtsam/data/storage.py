@@ -16,17 +16,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from mtsam.data.errors import DatasetError
-
-
-def is_uri(root: str | Path | None) -> bool:
-    """True for ``scheme://...`` roots (read through pyarrow's filesystems), False for paths."""
-    return root is not None and "://" in str(root)
-
-
-def first_line(err: BaseException) -> str:
-    """An error's message on one line (pyarrow's S3 errors span several)."""
-    text = " ".join(str(err).split())
-    return text if len(text) <= 300 else text[:297] + "..."
+from mtsam.storage import first_line, is_uri
 
 
 class ShardStore:

@@ -26,8 +26,8 @@ from torch import nn
 from mtsam.adapters import AdapterSpec, extra_losses
 from mtsam.adapters.io import save_adapter
 from mtsam.config import ExperimentConfig
-from mtsam.data.storage import is_uri
 from mtsam.model.msam import MSAM, build_msam, hold_frozen_in
+from mtsam.storage import is_uri
 from mtsam.tasks import build_tasks, task_metric_directions
 from mtsam.train.context import WorkerContext, scratch_dir
 from mtsam.train.data import eval_loader, open_split, scenes_root, train_loader
