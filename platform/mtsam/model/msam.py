@@ -4,7 +4,7 @@ Built from segment-anything's own modules (``ImageEncoderViT``, ``MaskDecoder``,
 ``TwoWayTransformer``, ``PositionEmbeddingRandom``). The training forward is written here
 because segment-anything's ``Sam.forward`` runs under ``no_grad`` and decodes one image at a time.
 
-Data flow (see DESIGN.md): images (B, 3, H, W) in [0, 1] -> resize longest side + normalise +
+Data flow (docs/ARCHITECTURE.md): images (B, 3, H, W) in [0, 1] -> resize longest side + normalise +
 pad -> encoder, run once per task on a task-major stacked batch (T*B, 3, S, S) when an adapter
 is task-specific, once in total otherwise -> per task t: its decoder on its B embeddings with its
 C_t no-mask rows as dense prompts (the channels ride in the decoder batch) -> low-res masks

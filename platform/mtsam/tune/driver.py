@@ -1,9 +1,10 @@
 """A sweep: Ray Tune trials, each a small driver that builds and fits a ``TorchTrainer``.
 
-Train V2 shape (see RAY_MLFLOW_NOTES.md): the Tune trainable is :func:`trial_driver`, wrapped
-with a tiny CPU share; the Train run it starts is named after the trial id (re-runs resume from
-its snapshot), lives inside the sweep's folder (``<sweep>/train-<trial id>/``, with its
-checkpoints, adapters and MLflow spool) and reports to Tune through ``TuneReportCallback``. A sampled config whose
+Ray Train V2 shape (docs/ARCHITECTURE.md, "How a sweep flows"): the Tune trainable is
+:func:`trial_driver`, wrapped with a tiny CPU share; the Train run it starts is named after the
+trial id (re-runs resume from its snapshot), lives inside the sweep's folder
+(``<sweep>/train-<trial id>/``, with its checkpoints, adapters and MLflow spool) and reports to
+Tune through ``TuneReportCallback``. A sampled config whose
 trainable-parameter count exceeds ``tune.max_trainable_params`` is rejected before it builds a
 trainer: it reports ``rejected = 1`` and the worst possible value of the metric.
 """
