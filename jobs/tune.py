@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg, name, storage = run_config_and_place(
-            args, lambda c: f"sweep-{c.name}-{time.strftime('%Y%m%d-%H%M%S')}", sweep=True
+            args,
+            lambda c: f"sweep-{c.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            sweep=True,
+            validate=sweep.plan,
         )
         plan = sweep.plan(cfg)
         base_weights = runner.read_base_weights(cfg)  # checked before Ray starts

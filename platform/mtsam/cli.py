@@ -52,9 +52,13 @@ def run_config_and_place(
     default_name: Callable[[ExperimentConfig], str],
     *,
     sweep: bool = False,
+    validate: Callable[[ExperimentConfig], object] | None = None,
 ) -> tuple[ExperimentConfig, str, str]:
     """(config, run name, storage path): a new run's, or those of the run at ``--resume``
     (which must be a sweep folder exactly when ``sweep``).
+
+    ``validate`` (e.g. the sweep's plan) runs on a new run's config before anything outside
+    it is checked (folders, the storage bucket), so a config error is reported as one.
 
     A new run never reuses a folder: Ray would silently continue (or mix into) the run that is
     there, with the new config written over the one it was trained with.
@@ -86,6 +90,8 @@ def run_config_and_place(
         return cfg, path.name, str(path.parent)
     cfg = runner.with_absolute_paths(load_cli_config(args.config or args.default_config, args.set))
     runner.check_scaling(cfg)
+    if validate is not None:
+        validate(cfg)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {out}: exists and is not a folder")
